@@ -1,0 +1,121 @@
+"""Reporting rules: folding the compacted rules topic into a versioned history, and giving
+every worker a complete, current copy of that history.
+
+Why not a Faust GlobalTable: its recovery with several workers is fragile (standby
+bookkeeping on every partition, known to stall or skip after rebalances). Instead:
+
+1. `fold_rule_versions` is an ordinary partitioned agent. It folds each rule record into
+   the full version history of its key and stores it in the changelogged `rule_versions`
+   table. Compaction of the input topic may drop old versions; the history keeps them.
+2. `RuleReplica` runs in every worker: a plain aiokafka consumer, with no consumer group,
+   assigned every partition of that table's changelog, reading from the beginning and then
+   following it. No group means no rebalance can take rules away from a worker, and a
+   restart simply reads the (compacted, small) changelog again. Events wait until the
+   replica has caught up with the changelog as it stood at startup.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from agents.dead_letters import park
+from schemas.records import rule_key
+from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
+from streams import metrics
+from streams.rulebook import RuleBook, decode_history, encode_history, with_rule
+
+log = logging.getLogger(__name__)
+
+
+def fold_rule_versions(rule_versions, dead_letters_topic):
+    """Agent body over the rules topic: record -> updated version history in the table."""
+    async def fold(stream):
+        async for event in stream.events():
+            message = event.message
+            decoded = decode_reporting_rule(message.key, message.value)
+            if isinstance(decoded, Rejection):
+                await park(dead_letters_topic, message, decoded)
+                continue
+            key = rule_key(decoded.corp_id, decoded.tag_id).encode()
+            if isinstance(decoded, RuleTombstone):
+                if key in rule_versions:
+                    del rule_versions[key]
+                metrics.EVENTS.labels(message.topic, "rule_deleted").inc()
+                continue
+            stored = rule_versions.get(key)
+            history = decode_history(stored) if stored is not None else []
+            rule_versions[key] = encode_history(with_rule(history, decoded))
+            metrics.EVENTS.labels(message.topic, "rule_applied").inc()
+    return fold
+
+
+class RuleReplica:
+    """This worker's full copy of every rule history, read from the table's changelog."""
+
+    def __init__(self, bootstrap_servers: str, changelog_topic: str, partitions: int,
+                 book: Optional[RuleBook] = None):
+        self.bootstrap_servers = bootstrap_servers
+        self.changelog_topic = changelog_topic
+        self.partitions = partitions
+        self.book = book or RuleBook()
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        """Follow the changelog forever; a broker error restarts the read from scratch."""
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("rule replica: read failed; starting over in 1 s")
+                await asyncio.sleep(1)
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers, group_id=None, enable_auto_commit=False,
+            isolation_level="read_committed", auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            partitions = await self._wait_for_partitions(consumer)
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            startup_end = await consumer.end_offsets(partitions)
+            log.info("rule replica: reading %s (%d records at startup)",
+                     self.changelog_topic, sum(startup_end.values()))
+            while True:
+                batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batches.values():
+                    for record in records:
+                        self._apply(record.key, record.value)
+                metrics.RULE_VERSIONS.set(self.book.versions)
+                if not self.ready.is_set() and await self._caught_up(consumer, startup_end):
+                    log.info("rule replica: ready, %d keys, %d versions", len(self.book), self.book.versions)
+                    metrics.RULE_BOOK_READY.set(1)
+                    self.ready.set()
+        finally:
+            await consumer.stop()
+
+    async def _wait_for_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        # The changelog is declared by Faust when the worker starts; wait until it exists.
+        # Its partition count is the table's, which the topology fixes.
+        while self.changelog_topic not in await consumer.topics():
+            await asyncio.sleep(0.2)
+        return [TopicPartition(self.changelog_topic, p) for p in range(self.partitions)]
+
+    @staticmethod
+    async def _caught_up(consumer: AIOKafkaConsumer, end: dict) -> bool:
+        for tp, offset in end.items():
+            if await consumer.position(tp) < offset:
+                return False
+        return True
+
+    def _apply(self, key: bytes, value: Optional[bytes]) -> None:
+        corp_id, _, tag_id = key.decode().partition(":")
+        if value is None:
+            self.book.delete(corp_id, tag_id)
+        else:
+            self.book.put_history(corp_id, tag_id, decode_history(value))

@@ -1,0 +1,214 @@
+"""The `tagstream` command line: one entry point for every part of the pipeline.
+
+    tagstream run       the whole demo on the local broker: worker, sink, generated load
+    tagstream worker    the Faust agents (SPEC §4)
+    tagstream sink      deliver reports to a target (file:PATH or stdout)
+    tagstream load      produce sample rules and a generated event stream
+    tagstream topics    create the topics if missing
+    tagstream lag       consumer lag of the worker, per topic and partition
+    tagstream topology  print the topics, tables and agents
+    tagstream settings  every setting, its default and its TAGSTREAM_* variable
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Optional, Sequence
+
+from streams.settings import ConfigError, Settings
+
+EPILOG = ("Every setting can also come from a TAGSTREAM_* environment variable "
+          "(see `tagstream settings`); flags win over the environment.")
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each also a TAGSTREAM_* variable)")
+    for variable, default, help_text in Settings.describe():
+        name = variable[len("TAGSTREAM_"):].lower()
+        group.add_argument("--" + name.replace("_", "-"), dest="setting_" + name, metavar=name.upper()
+                           if not name.endswith("topic") else "NAME",
+                           help=f"{help_text} [default: {default}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tagstream", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=description or help_text, epilog=EPILOG)
+        _settings_flags(p)
+        return p
+
+    p = command("run", "run the demo: broker must be up; starts worker and sink, feeds generated load",
+                "Start a worker and a file sink, load sample reporting rules, then feed a realistic "
+                "generated stream and show progress (events/s, reports by type, lag) until "
+                "--events are processed or Ctrl-C. Example: tagstream run --events 20000")
+    p.add_argument("--events", type=int, default=0, help="stop after this many events (0: until Ctrl-C)")
+    p.add_argument("--rate", type=float, default=0, help="events per second to offer (0: as fast as possible)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the generated load (default: time)")
+    p.add_argument("--reports-file", default=".state/run/reports.ndjson", help="where the sink writes NDJSON")
+
+    command("worker", "run the Faust agents (tag and contact events -> reports)")
+
+    p = command("sink", "deliver reports from the outbound topic to a target",
+                "Consume the conversion-reports topic and write every report to the target. "
+                "Example: tagstream sink --target file:reports.ndjson")
+    p.add_argument("--target", required=True, help="file:PATH (NDJSON) or stdout")
+
+    p = command("load", "produce sample reporting rules and a generated event stream",
+                "Produce the sample rules, then N generated events. Example: tagstream load --events 10000")
+    p.add_argument("--events", type=int, required=True, help="how many events to produce")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the generated load")
+    p.add_argument("--no-rules", action="store_true", help="do not produce the sample rules")
+
+    command("topics", "create tagstream's topics if they are missing")
+    p = command("lag", "print the worker group's lag per topic and partition")
+    p.add_argument("--group", default=None, help="consumer group (default: the app id)")
+    command("topology", "print the topics, tables and agents of the worker")
+    command("settings", "list every setting with its default and environment variable")
+    return parser
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {k[len("setting_"):]: v for k, v in vars(args).items()
+                 if k.startswith("setting_") and v is not None}
+    return Settings.load(overrides)
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings_from(args)
+        return COMMANDS[args.command](args, settings) or 0
+    except ConfigError as exc:
+        print(f"tagstream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the broker is the usual suspect; say how to fix it
+        from aiokafka.errors import KafkaConnectionError
+        if isinstance(exc, KafkaConnectionError):
+            print(f"tagstream: error: cannot reach Kafka at {settings.broker}: start the local broker "
+                  f"with `deploy/kafka/kafka.sh start` or set TAGSTREAM_BROKER", file=sys.stderr)
+            return 1
+        raise
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    import faust
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        pass
+    from streams import metrics
+    from streams.kafka_admin import ensure_topics
+    from streams.topology import build_topology
+
+    asyncio.run(ensure_topics(settings))
+    metrics.serve(settings.metrics_port)
+    topology = build_topology(settings)
+    worker = faust.Worker(topology.app, loglevel=settings.log_level, quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_sink(args, settings: Settings) -> int:
+    from streams.sink import open_target, run_file_sink
+    open_target(args.target).close() if args.target != "stdout" else None  # bad target: fail now
+    _logging(settings)
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_file_sink(settings, args.target, stop)
+
+    written = asyncio.run(run())
+    print(f"tagstream sink: wrote {written} reports to {args.target}", file=sys.stderr)
+    return 0
+
+
+def cmd_load(args, settings: Settings) -> int:
+    import itertools
+    from streams.kafka_admin import ensure_topics
+    from streams.loadgen import TagTraffic
+    from streams.producer import input_producer, produce
+
+    async def run() -> None:
+        await ensure_topics(settings)
+        traffic = TagTraffic(args.seed, start_ms=int(time.time() * 1000))
+        producer = input_producer(settings)
+        await producer.start()
+        try:
+            rules = traffic.rules()
+            if not args.no_rules:
+                await produce(producer, settings, rules)
+            started = time.monotonic()
+            sent = await produce(producer, settings, itertools.islice(traffic.events(), args.events))
+            elapsed = time.monotonic() - started
+            print(f"produced {len(rules) if not args.no_rules else 0} rules and {sent} events "
+                  f"in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s)")
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_topics(args, settings: Settings) -> int:
+    from streams.kafka_admin import ensure_topics
+    created = asyncio.run(ensure_topics(settings))
+    print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
+    return 0
+
+
+def cmd_lag(args, settings: Settings) -> int:
+    from streams.kafka_admin import group_lag
+    topics = [settings.topic("tag_events_topic"), settings.topic("contact_events_topic"),
+              settings.topic("tag_mappings_topic")]
+    rows = asyncio.run(group_lag(settings, args.group or settings.app_id, topics))
+    print(f"{'GROUP':<20} {'TOPIC':<32} {'PARTITION':>9} {'CURRENT-OFFSET':>15} {'LOG-END-OFFSET':>15} {'LAG':>8}")
+    for row in rows:
+        current = "-" if row.committed is None else str(row.committed)
+        print(f"{args.group or settings.app_id:<20} {row.topic:<32} {row.partition:>9} {current:>15} "
+              f"{row.log_end:>15} {row.lag:>8}")
+    return 0
+
+
+def cmd_topology(args, settings: Settings) -> int:
+    from streams.topology import build_topology
+    print(build_topology(settings).describe())
+    return 0
+
+
+def cmd_settings(args, settings: Settings) -> int:
+    for variable, default, help_text in Settings.describe():
+        print(f"{variable:<36} {default:<26} {help_text}")
+    return 0
+
+
+def cmd_run(args, settings: Settings) -> int:
+    from streams.demo import run_demo
+    return run_demo(settings, events=args.events, rate=args.rate, seed=args.seed,
+                    reports_file=args.reports_file)
+
+
+COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "load": cmd_load,
+            "topics": cmd_topics, "lag": cmd_lag, "topology": cmd_topology, "settings": cmd_settings}
+
+if __name__ == "__main__":
+    sys.exit(main())

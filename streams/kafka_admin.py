@@ -1,0 +1,85 @@
+"""Creating tagstream's topics and reading consumer-group positions, with aiokafka's admin
+client. Topic layout is decided here once: every topic gets `settings.partitions`
+partitions (the event topics must match for co-partitioning), the rules topic is compacted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from streams.settings import ConfigError, Settings
+
+TOPIC_SETTINGS = (
+    "tag_events_topic", "contact_events_topic", "tag_mappings_topic",
+    "conversion_reports_topic", "unreportable_topic", "dead_letters_topic",
+    "report_failures_topic")
+COMPACTED = {"tag_mappings_topic"}
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create any missing topic; returns the names created. Fails with a ConfigError if the
+    two event topics exist with different partition counts (they must be co-partitioned)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = []
+        for name in TOPIC_SETTINGS:
+            topic = settings.topic(name)
+            if topic in existing:
+                continue
+            configs = {"cleanup.policy": "compact"} if name in COMPACTED else {}
+            wanted.append(NewTopic(topic, settings.partitions, 1, topic_configs=configs))
+        created = []
+        for new_topic in wanted:
+            try:
+                await admin.create_topics([new_topic])
+                created.append(new_topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        described = await admin.describe_topics(
+            [settings.topic("tag_events_topic"), settings.topic("contact_events_topic")])
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        if len(set(counts.values())) != 1:
+            raise ConfigError(
+                f"event topics are not co-partitioned: {counts}; recreate them with the same "
+                f"partition count (TAGSTREAM_PARTITIONS)")
+        return created
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    committed: int | None
+    log_end: int
+
+    @property
+    def lag(self) -> int:
+        return self.log_end - (self.committed or 0)
+
+
+async def group_lag(settings: Settings, group_id: str, topics: list[str]) -> list[PartitionLag]:
+    """Log-end offset minus committed offset per partition, as kafka-consumer-groups shows."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group_id)
+        described = await admin.describe_topics(topics)
+        tps = [TopicPartition(d["topic"], p["partition"])
+               for d in described for p in sorted(d["partitions"], key=lambda p: p["partition"])]
+        ends = await consumer.end_offsets(tps) if tps else {}
+        return [PartitionLag(tp.topic, tp.partition,
+                             committed[tp].offset if tp in committed else None, ends[tp])
+                for tp in tps]
+    finally:
+        await consumer.stop()
+        await admin.close()
+

@@ -1,0 +1,48 @@
+"""Every Prometheus metric tagstream exports, defined once.
+
+Names follow Prometheus conventions: a `tagstream_` prefix, `_total` on counters, base units
+(`_seconds`, `_bytes`). Labels are bounded sets (topics, partitions, standard types,
+outcomes, error codes): customer ids, union ids and tokens are never labels.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+EVENTS = Counter(
+    "tagstream_events_total",
+    "Input events by topic and outcome (reported, unmapped, already_reported, ...)",
+    ["topic", "outcome"])
+REPORTS = Counter(
+    "tagstream_reports_total",
+    "Conversion reports emitted, by standard type and mode",
+    ["standard_type", "mode"])
+UNREPORTABLE = Counter(
+    "tagstream_unreportable_total",
+    "Reports sent to the unreportable topic, by standard type and reason",
+    ["standard_type", "reason"])
+DEAD_LETTERS = Counter(
+    "tagstream_dead_letters_total",
+    "Input records sent to the dead-letter topic, by topic and error code",
+    ["topic", "error"])
+RULE_VERSIONS = Gauge(
+    "tagstream_rule_versions",
+    "Reporting-rule versions held in this worker's rule book")
+RULE_BOOK_READY = Gauge(
+    "tagstream_rule_book_ready",
+    "1 once this worker's rule book has caught up with the rule history at startup")
+TAGGING_DELAY = Histogram(
+    "tagstream_tagging_delay_seconds",
+    "Event time of the tag minus the customer's add time, per reported standard type",
+    ["standard_type"],
+    buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400))
+EVENT_TO_REPORT = Histogram(
+    "tagstream_event_to_report_seconds",
+    "Wall-clock time from an event's ts to the emission of its report, per standard type",
+    ["standard_type"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+
+def serve(port: int) -> None:
+    """Expose /metrics on 127.0.0.1:port (no-op for port 0)."""
+    if port:
+        start_http_server(port, addr="127.0.0.1")

@@ -1,0 +1,157 @@
+"""All of tagstream's settings in one typed object, with defaults and TAGSTREAM_* overrides.
+
+Each field's environment variable is `TAGSTREAM_` + its upper-cased name; command-line flags
+override both. Durations are integer milliseconds inside the program and may be written
+with a unit outside it ("30m", "7d", "5s", "250ms"). A bad value stops the program with a
+one-line `ConfigError` that names the variable and shows a valid example.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+from schemas.records import DEFAULT_ACTION_TYPES
+
+SECOND = 1000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message says how to fix it, in one line."""
+
+
+_UNITS = {"ms": 1, "s": SECOND, "m": MINUTE, "min": MINUTE, "h": HOUR, "d": DAY}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*$")
+
+
+def parse_duration_ms(text: str) -> int:
+    """'30m' -> 1800000. A bare number is milliseconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(text)
+    return int(float(match.group(1)) * _UNITS[match.group(2) or "ms"])
+
+
+def _duration(default_ms: int, help: str) -> Any:
+    return field(default=default_ms, metadata={"kind": "duration", "help": help})
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Kafka
+    broker: str = _setting("kafka://127.0.0.1:9092", "Kafka bootstrap server(s), kafka://host:port[,host:port]")
+    app_id: str = _setting("tagstream", "Faust app id: the consumer group and the prefix of changelog topics")
+    topic_prefix: str = _setting("tagstream.", "prefix of every topic name below")
+    partitions: int = _setting(4, "partitions of the input topics (tag and contact events must match)")
+    # topic names, relative to topic_prefix (SPEC §2)
+    tag_events_topic: str = _setting("tag-events", "tag events (input)")
+    contact_events_topic: str = _setting("contact-events", "contact events (input, co-partitioned)")
+    tag_mappings_topic: str = _setting("tag-mappings", "reporting rules (input, compacted)")
+    conversion_reports_topic: str = _setting("conversion-reports", "reports (output)")
+    unreportable_topic: str = _setting("unreportable", "reports without user identity")
+    dead_letters_topic: str = _setting("dead-letters", "invalid input, with the reason")
+    report_failures_topic: str = _setting("report-failures", "permanent delivery failures")
+    # reporting semantics (SPEC §4)
+    order_window: int = _duration(7 * DAY, "an ORDER later than this after the add time is LONG_TERM")
+    delay_hold: int = _duration(30 * MINUTE, "how long LONG_TERM and INVALID reports are held")
+    idle_grace: int = _duration(5 * MINUTE, "live mode: a hold also fires this long after its deadline in wall-clock time")
+    dedupe_horizon: int = _duration(7 * DAY, "how long event ids are remembered for dedupe (stream time)")
+    action_type_consult: str = _setting(DEFAULT_ACTION_TYPES["CONSULT"], "default action type for CONSULT")
+    action_type_lead: str = _setting(DEFAULT_ACTION_TYPES["LEAD"], "default action type for LEAD")
+    action_type_valid: str = _setting(DEFAULT_ACTION_TYPES["VALID"], "default action type for VALID")
+    action_type_order: str = _setting(DEFAULT_ACTION_TYPES["ORDER"], "default action type for ORDER")
+    action_type_long_term: str = _setting(DEFAULT_ACTION_TYPES["LONG_TERM"], "default action type for LONG_TERM")
+    action_type_invalid: str = _setting(DEFAULT_ACTION_TYPES["INVALID"], "default action type for INVALID")
+    # worker runtime
+    data_dir: str = _setting(".state/worker", "where the worker keeps its RocksDB tables")
+    metrics_port: int = _setting(9464, "port of the Prometheus /metrics endpoint (0: none)")
+    log_level: str = _setting("info", "debug, info, warning or error")
+
+    def topic(self, name: str) -> str:
+        """Full topic name of one of the *_topic settings."""
+        return self.topic_prefix + getattr(self, name)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The broker setting as aiokafka wants it: host:port[,host:port]."""
+        return ",".join(part.split("://", 1)[-1] for part in self.broker.split(","))
+
+    @property
+    def default_action_types(self) -> dict[str, str]:
+        return {t: getattr(self, "action_type_" + t.lower()) for t in DEFAULT_ACTION_TYPES}
+
+    @classmethod
+    def load(cls, overrides: Optional[Mapping[str, Any]] = None,
+             environ: Optional[Mapping[str, str]] = None) -> "Settings":
+        """Defaults, then TAGSTREAM_* variables, then explicit overrides (e.g. CLI flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            variable = "TAGSTREAM_" + f.name.upper()
+            if variable in environ:
+                values[f.name] = _convert(f, environ[variable], variable)
+        for name, raw in (overrides or {}).items():
+            if raw is None:
+                continue
+            f = _FIELDS.get(name)
+            if f is None:
+                raise ConfigError(f"unknown setting {name!r}; see `tagstream settings`")
+            values[name] = _convert(f, raw, "--" + name.replace("_", "-")) if isinstance(raw, str) else raw
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.partitions < 1:
+            raise ConfigError(f"TAGSTREAM_PARTITIONS={self.partitions}: must be at least 1, e.g. TAGSTREAM_PARTITIONS=4")
+        if not self.broker.strip():
+            raise ConfigError("TAGSTREAM_BROKER is empty: set it to e.g. kafka://127.0.0.1:9092")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"TAGSTREAM_LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, help) for every setting: the source of `tagstream settings`."""
+        rows = []
+        for f in fields(cls):
+            default = f.default
+            if f.metadata.get("kind") == "duration":
+                default = format_duration(default)
+            rows.append(("TAGSTREAM_" + f.name.upper(), str(default), f.metadata.get("help", "")))
+        return rows
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def format_duration(ms: int) -> str:
+    for unit, size in (("d", DAY), ("h", HOUR), ("m", MINUTE), ("s", SECOND)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def _convert(f: dataclasses.Field, raw: str, source: str) -> Any:
+    kind = f.metadata.get("kind")
+    try:
+        if kind == "duration":
+            return parse_duration_ms(raw)
+        if f.type in ("int", int):
+            return int(raw)
+        return str(raw)
+    except ValueError:
+        example = format_duration(f.default) if kind == "duration" else f.default
+        what = "a duration like 30m, 7d or 500ms" if kind == "duration" else "an integer"
+        raise ConfigError(f"{source}={raw!r}: expected {what}, e.g. {source}={example}") from None

@@ -1,0 +1,110 @@
+"""The whole tagstream flow, wired in one place.
+
+    tag-mappings ──▶ fold_rule_versions ──▶ [rule_versions table] ──changelog──▶ RuleReplica
+                                                                             (every worker)
+                                                                                  │ rule_as_of
+    tag-events ─────┐                                                             ▼
+                    ├──▶ apply_customer_events ◀──▶ [customers table] ──▶ conversion-reports
+    contact-events ─┘          │                                       ──▶ unreportable
+                               └── bad input (any source) ─────────────▶ dead-letters
+
+`tagstream topology` prints this with the real topic names. All records are raw bytes at
+the Faust layer (`raw` codecs everywhere) and are encoded and decoded with orjson by
+tagstream itself, so no Faust codec runs on the hot path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faust
+
+from agents.customers import apply_customer_events
+from agents.rules import RuleReplica, fold_rule_versions
+from streams.semantics import ReportingPolicy
+from streams.settings import Settings
+
+RAW = {"key_serializer": "raw", "value_serializer": "raw"}
+
+
+@dataclass
+class Topology:
+    app: faust.App
+    settings: Settings
+    replica: RuleReplica
+    sources: dict
+    tables: dict
+    sinks: dict
+
+    def describe(self) -> str:
+        s = self.settings
+        lines = [f"tagstream topology (app id {s.app_id}, broker {s.broker})", "sources:"]
+        lines += [f"  {name:<16} {t}" for name, t in self.sources.items()]
+        lines.append("state stores (changelogged, RocksDB):")
+        lines += [f"  {name:<16} changelog {t.changelog_topic.get_topic_name()}"
+                  for name, t in self.tables.items()]
+        lines.append("processors:")
+        lines += [
+            f"  fold_rule_versions     {self.sources['tag_mappings']} -> rule_versions",
+            f"  RuleReplica            rule_versions changelog (all partitions, no group) -> rule book",
+            f"  apply_customer_events  {self.sources['tag_events']} + {self.sources['contact_events']}"
+            f" -> customers, {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
+        ]
+        lines.append("sinks:")
+        lines += [f"  {name:<16} {t}" for name, t in self.sinks.items()]
+        return "\n".join(lines)
+
+
+def build_topology(settings: Settings) -> Topology:
+    s = settings
+    Path(s.data_dir).mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        s.app_id,
+        broker=s.broker,
+        store="rocksdb://",
+        datadir=s.data_dir,
+        topic_partitions=s.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,     # Faust declares its own changelog topics
+        table_standby_replicas=0,     # one node; standbys would only double the work
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger_ms=1,
+        web_enabled=False,            # metrics are served by prometheus_client instead
+    )
+
+    # -- sources -------------------------------------------------------------------------
+    names = {key: s.topic(key + "_topic") for key in (
+        "tag_mappings", "tag_events", "contact_events",
+        "conversion_reports", "unreportable", "dead_letters")}
+    tag_mappings = app.topic(names["tag_mappings"], **RAW)
+    customer_events = app.topic(names["tag_events"], names["contact_events"], **RAW)
+
+    # -- state stores --------------------------------------------------------------------
+    rule_versions = app.Table("rule_versions", partitions=s.partitions, key_type=bytes, value_type=bytes)
+    customers = app.Table("customers", partitions=s.partitions, key_type=bytes, value_type=bytes)
+
+    # -- sinks ---------------------------------------------------------------------------
+    conversion_reports = app.topic(names["conversion_reports"], **RAW)
+    unreportable = app.topic(names["unreportable"], **RAW)
+    dead_letters = app.topic(names["dead_letters"], **RAW)
+
+    # -- processors ----------------------------------------------------------------------
+    replica = RuleReplica(s.bootstrap_servers, rule_versions.changelog_topic.get_topic_name(), s.partitions)
+    app.task(replica.run)
+    app.agent(tag_mappings, name="fold_rule_versions")(
+        fold_rule_versions(rule_versions, dead_letters))
+    app.agent(customer_events, name="apply_customer_events")(apply_customer_events(
+        customers=customers, replica=replica,
+        policy=ReportingPolicy(default_action_types=s.default_action_types),
+        tag_events_topic=names["tag_events"],
+        conversion_reports=conversion_reports, unreportable=unreportable,
+        dead_letters=dead_letters))
+
+    return Topology(
+        app=app, settings=s, replica=replica,
+        sources={k: names[k] for k in ("tag_mappings", "tag_events", "contact_events")},
+        tables={"rule_versions": rule_versions, "customers": customers},
+        sinks={k: names[k] for k in ("conversion_reports", "unreportable", "dead_letters")})
