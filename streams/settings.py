@@ -72,6 +72,7 @@ class Settings:
     action_type_long_term: str = _setting(DEFAULT_ACTION_TYPES["LONG_TERM"], "default action type for LONG_TERM")
     action_type_invalid: str = _setting(DEFAULT_ACTION_TYPES["INVALID"], "default action type for INVALID")
     # worker runtime
+    merge_wait: int = _duration(500, "how long an event may wait for the other event topic's partition before it is applied out of ts order")
     data_dir: str = _setting(".state/worker", "where the worker keeps its RocksDB tables")
     metrics_port: int = _setting(9464, "port of the Prometheus /metrics endpoint (0: none)")
     log_level: str = _setting("info", "debug, info, warning or error")
@@ -120,6 +121,10 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    def to_environ(self) -> dict[str, str]:
+        """These settings as TAGSTREAM_* variables, to hand to a child process."""
+        return {"TAGSTREAM_" + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def describe(cls) -> list[tuple[str, str, str]]:

@@ -4,7 +4,7 @@
                                                                              (every worker)
                                                                                   │ rule_as_of
     tag-events ─────┐                                                             ▼
-                    ├──▶ apply_customer_events ◀──▶ [customers table] ──▶ conversion-reports
+                    ├─ts─▶ apply_customer_events ◀──▶ [customers table] ──▶ conversion-reports
     contact-events ─┘          │                                       ──▶ unreportable
                                └── bad input (any source) ─────────────▶ dead-letters
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import faust
 
-from agents.customers import apply_customer_events
+from agents.customers import CustomerEvents
 from agents.rules import RuleReplica, fold_rule_versions
 from streams.semantics import ReportingPolicy
 from streams.settings import Settings
@@ -48,7 +48,7 @@ class Topology:
             f"  fold_rule_versions     {self.sources['tag_mappings']} -> rule_versions",
             f"  RuleReplica            rule_versions changelog (all partitions, no group) -> rule book",
             f"  apply_customer_events  {self.sources['tag_events']} + {self.sources['contact_events']}"
-            f" -> customers, {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
+            f" (merged by ts) -> customers, {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
         ]
         lines.append("sinks:")
         lines += [f"  {name:<16} {t}" for name, t in self.sinks.items()]
@@ -96,12 +96,18 @@ def build_topology(settings: Settings) -> Topology:
     app.task(replica.run)
     app.agent(tag_mappings, name="fold_rule_versions")(
         fold_rule_versions(rule_versions, dead_letters))
-    app.agent(customer_events, name="apply_customer_events")(apply_customer_events(
-        customers=customers, replica=replica,
+    per_customer = CustomerEvents(
+        app, customers=customers, replica=replica,
         policy=ReportingPolicy(default_action_types=s.default_action_types),
-        tag_events_topic=names["tag_events"],
-        conversion_reports=conversion_reports, unreportable=unreportable,
-        dead_letters=dead_letters))
+        tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
+        merge_wait_ms=s.merge_wait,
+        conversion_reports=conversion_reports, unreportable=unreportable, dead_letters=dead_letters)
+    app.agent(customer_events, name="apply_customer_events")(per_customer.agent)
+    app.timer(max(s.merge_wait, 20) / 2000)(per_customer.release_waiting)
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(app, revoked, **kwargs):
+        await per_customer.on_partitions_revoked(revoked)
 
     return Topology(
         app=app, settings=s, replica=replica,

@@ -1,0 +1,50 @@
+# tagstream: the two commands are `make run` and `make test`. Each sets up everything it
+# needs (system packages, virtualenv, Kafka jars) on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+EVENTS ?= 0
+RATE   ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-unit test-slow broker broker-stop broker-reset clean
+
+setup: $(VENV)/.installed deploy/kafka/lib/.complete
+
+$(VENV)/.installed: pyproject.toml
+	deploy/setup-system.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+deploy/kafka/lib/.complete: deploy/kafka/pom.xml
+	deploy/setup-system.sh
+	deploy/kafka/kafka.sh install
+
+broker: setup
+	deploy/kafka/kafka.sh start
+
+broker-stop:
+	deploy/kafka/kafka.sh stop
+
+broker-reset:
+	deploy/kafka/kafka.sh reset
+
+## The main job on the embedded default: local broker, worker, file sink, generated load.
+## `make run EVENTS=20000` stops by itself; plain `make run` runs until Ctrl-C.
+run: broker
+	$(BIN)/tagstream run --events $(EVENTS) --rate $(RATE)
+
+## Every test that belongs in CI (unit + integration on the real broker).
+test: setup
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .state deploy/kafka/lib *.egg-info

@@ -1,0 +1,184 @@
+"""`tagstream run`: the whole pipeline on the local broker, with a generated load.
+
+Starts a worker and a file sink as child processes, loads the sample reporting rules,
+feeds a realistic generated stream (`streams.loadgen`) and prints progress every two
+seconds: events/s, reports by type, lag. Ends after `--events` are processed (printing a
+summary with the end-to-end throughput) or on Ctrl-C, stopping the children cleanly.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from schemas.records import STANDARD_TYPES
+from streams.kafka_admin import ensure_topics, group_lag
+from streams.loadgen import TagTraffic
+from streams.observe import by_label, scrape_async, total
+from streams.producer import input_producer, produce
+from streams.settings import Settings
+
+PROGRESS_EVERY_S = 2.0
+
+
+class Child:
+    """A tagstream subcommand in its own process group, logging to a file."""
+
+    def __init__(self, name: str, args: list[str], settings: Settings, log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        env = {**os.environ, **settings.to_environ()}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", *args], env=env,
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_demo(settings: Settings, *, events: int, rate: float, seed: Optional[int], reports_file: str) -> int:
+    return asyncio.run(_Demo(settings, events, rate, seed, reports_file).run())
+
+
+class _Demo:
+    def __init__(self, settings: Settings, events: int, rate: float, seed: Optional[int], reports_file: str):
+        self.settings = settings
+        self.events = events
+        self.rate = rate
+        self.seed = int(time.time()) if seed is None else seed
+        self.reports_file = reports_file
+        self.log_dir = Path(reports_file).parent
+        self.produced = 0
+        self.first_produced_at: Optional[float] = None
+        self.stop = asyncio.Event()
+
+    async def run(self) -> int:
+        s = self.settings
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        await ensure_topics(s)
+        print(f"tagstream run: broker {s.broker}, {s.partitions} partitions, seed {self.seed}, "
+              f"{'%d events' % self.events if self.events else 'until Ctrl-C'}"
+              f"{', %g events/s' % self.rate if self.rate else ', as fast as possible'}")
+        worker = Child("worker", ["worker"], s, self.log_dir)
+        sink = Child("sink", ["sink", "--target", "file:" + self.reports_file], s, self.log_dir)
+        producer = input_producer(s)
+        await producer.start()
+        try:
+            traffic = TagTraffic(self.seed, start_ms=int(time.time() * 1000),
+                                 clock=lambda: int(time.time() * 1000), run_tag=f"{self.seed:x}x")
+            rules = traffic.rules()
+            await produce(producer, s, rules)
+            print(f"loaded {len(rules)} reporting-rule versions for {len(traffic.corps)} corps; "
+                  f"waiting for the worker (log: {worker.log_path}) ...")
+            if not await self._wait_for_rules(worker, len(rules)):
+                return 1
+            feeding = asyncio.create_task(self._feed(producer, traffic))
+            finished = await self._watch(worker, sink)
+            feeding.cancel()
+        finally:
+            await producer.stop()
+            print("stopping worker and sink ...")
+            worker.stop()
+            sink.stop()
+        return 0 if finished else 1
+
+    async def _wait_for_rules(self, worker: Child, expected: int) -> bool:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if not worker.alive():
+                print(f"the worker exited; last lines of {worker.log_path}:\n{worker.tail()}")
+                return False
+            samples = await scrape_async(self.settings.metrics_port)
+            if total(samples, "tagstream_rule_book_ready") and total(samples, "tagstream_rule_versions") >= expected:
+                return True
+            await asyncio.sleep(0.5)
+        if not self.stop.is_set():
+            print(f"the worker did not load the rules within 120 s; see {worker.log_path}")
+        return False
+
+    async def _feed(self, producer, traffic: TagTraffic) -> None:
+        stream = traffic.events()
+        chunk = 500
+        started = time.monotonic()
+        self.first_produced_at = time.time()
+        while not self.stop.is_set():
+            want = chunk if not self.events else min(chunk, self.events - self.produced)
+            if want <= 0:
+                return
+            self.produced += await produce(producer, self.settings, itertools.islice(stream, want))
+            if self.rate:
+                ahead = self.produced / self.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            else:
+                await asyncio.sleep(0)
+
+    async def _watch(self, worker: Child, sink: Child) -> bool:
+        s = self.settings
+        started = time.monotonic()
+        last_processed, last_t = 0.0, started
+        event_topics = [s.topic("tag_events_topic"), s.topic("contact_events_topic")]
+        while True:
+            try:
+                await asyncio.wait_for(self.stop.wait(), PROGRESS_EVERY_S)
+            except asyncio.TimeoutError:
+                pass
+            for child in (worker, sink):
+                if not child.alive():
+                    print(f"the {child.name} exited; last lines of {child.log_path}:\n{child.tail()}")
+                    return False
+            samples = await scrape_async(s.metrics_port)
+            processed = sum(total(samples, "tagstream_events_total", topic=t) for t in event_topics)
+            lag = sum(row.lag for row in await group_lag(s, s.app_id, event_topics))
+            now = time.monotonic()
+            reports = by_label(samples, "tagstream_reports_total", "standard_type")
+            print(f"[{now - started:6.0f}s] produced {self.produced:>9,}  processed {processed:>9,.0f} "
+                  f"({(processed - last_processed) / (now - last_t):>7,.0f}/s)  lag {lag:>7,}  reports "
+                  + " ".join(f"{t} {reports.get(t, 0):,.0f}" for t in STANDARD_TYPES), flush=True)
+            last_processed, last_t = processed, now
+            done = self.events and self.produced >= self.events and processed >= self.events
+            if done and await self._sink_caught_up():
+                self._summary(samples, processed, time.time())
+                return True
+            if self.stop.is_set():
+                print("interrupted")
+                self._summary(samples, processed, time.time())
+                return True
+
+    async def _sink_caught_up(self) -> bool:
+        s = self.settings
+        rows = await group_lag(s, f"{s.app_id}-sink", [s.topic("conversion_reports_topic")])
+        return all(row.lag == 0 for row in rows)
+
+    def _summary(self, samples: Optional[dict], processed: float, finished_at: float) -> None:
+        elapsed = finished_at - (self.first_produced_at or finished_at)
+        reports = by_label(samples, "tagstream_reports_total", "standard_type")
+        outcomes = by_label(samples, "tagstream_events_total", "outcome")
+        lines = sum(1 for _ in open(self.reports_file, "rb")) if os.path.exists(self.reports_file) else 0
+        print("\nsummary")
+        print(f"  events processed   {processed:,.0f} in {elapsed:.1f}s "
+              f"= {processed / max(elapsed, 1e-9):,.0f} events/s end to end (first produce -> last processed)")
+        print("  reports            " + ", ".join(f"{t} {reports.get(t, 0):,.0f}" for t in STANDARD_TYPES))
+        print("  event outcomes     " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(outcomes.items())))
+        print(f"  reports file       {self.reports_file} ({lines:,} lines; the sink appends across runs)")

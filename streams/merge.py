@@ -1,0 +1,96 @@
+"""Event-time merge of the two co-partitioned input topics, per partition number.
+
+Kafka orders records within one topic partition, but not across topics: a customer's
+contact event on `contact-events` and their next tag event on `tag-events` may reach the
+worker in either order. Like Kafka Streams (which picks, among the heads of a task's input
+partitions, the record with the smallest timestamp), tagstream buffers the heads of both
+topics' partition N and releases them in `ts` order; at equal `ts`, the source listed
+first wins (contacts before tags: an identity recorded at the same millisecond as a tag
+counts for it). Each topic's own offset order is never changed.
+
+A head is released when every other source of its partition either has a later head
+buffered or has nothing more to deliver (is caught up with its log end). When neither is
+known, the head waits at most `max_wait_ms` of wall-clock time: the same trade-off as
+Kafka Streams' `max.task.idle.ms`.
+
+Plain Python: no Faust, no Kafka. The agent supplies `caught_up(source)` and the clock.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Hashable, Iterator, TypeVar
+
+Item = TypeVar("Item")
+
+
+@dataclass
+class _Head(Generic[Item]):
+    ts: int
+    arrived_ms: int
+    item: Item
+
+
+@dataclass
+class PartitionMerge(Generic[Item]):
+    """The merge buffer of one partition number."""
+    sources: tuple[Hashable, ...]
+    buffers: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.buffers = {source: deque() for source in self.sources}
+
+    def offer(self, source: Hashable, ts: int, item: Item, now_ms: int) -> None:
+        self.buffers[source].append(_Head(ts, now_ms, item))
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.buffers.values())
+
+    def release(self, caught_up: Callable[[Hashable], bool], now_ms: int,
+                max_wait_ms: int, max_buffered: int) -> Iterator[Item]:
+        """Yield the items that may be applied now, in merge order."""
+        while True:
+            heads = [(b[0].ts, rank, source) for rank, (source, b) in
+                     enumerate(self.buffers.items()) if b]
+            if not heads:
+                return
+            ts, _, source = min(heads)
+            if len(heads) < len(self.sources):
+                waiting_on = [s for s, b in self.buffers.items() if not b]
+                head = self.buffers[source][0]
+                may_go = (all(caught_up(s) for s in waiting_on)
+                          or now_ms - head.arrived_ms >= max_wait_ms
+                          or len(self) > max_buffered)
+                if not may_go:
+                    return
+            yield self.buffers[source].popleft().item
+
+
+class CoPartitionMerge(Generic[Item]):
+    """One `PartitionMerge` per partition number."""
+
+    def __init__(self, sources: tuple[Hashable, ...], max_wait_ms: int, max_buffered: int = 10_000):
+        self.sources = sources
+        self.max_wait_ms = max_wait_ms
+        self.max_buffered = max_buffered
+        self.partitions: dict[int, PartitionMerge[Item]] = {}
+
+    def offer(self, partition: int, source: Hashable, ts: int, item: Item, now_ms: int) -> None:
+        merge = self.partitions.get(partition)
+        if merge is None:
+            merge = self.partitions[partition] = PartitionMerge(self.sources)
+        merge.offer(source, ts, item, now_ms)
+
+    def release(self, partition: int, caught_up: Callable[[Hashable], bool], now_ms: int) -> Iterator[Item]:
+        merge = self.partitions.get(partition)
+        if merge is not None:
+            yield from merge.release(caught_up, now_ms, self.max_wait_ms, self.max_buffered)
+
+    def waiting_partitions(self) -> list[int]:
+        return [p for p, merge in self.partitions.items() if len(merge)]
+
+    def forget(self, partition: int) -> list[Item]:
+        """Drop a revoked partition's buffer (its records were never acked, so they will be
+        consumed again by whoever owns the partition next)."""
+        merge = self.partitions.pop(partition, None)
+        return [head.item for buffer in (merge.buffers.values() if merge else ()) for head in buffer]

@@ -1,0 +1,124 @@
+"""Integration fixtures: the real local Kafka broker (started once per test session) and
+tagstream workers as real child processes, each test module on its own topics."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from streams.observe import scrape, total
+from streams.settings import Settings
+from tests import kafka_io
+
+REPO = Path(__file__).resolve().parents[2]
+KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """A real single-node KRaft broker on 127.0.0.1:9092. Started if it is not running, and
+    stopped at the end only if this session started it."""
+    was_running = subprocess.run([str(KAFKA_SH), "status"], capture_output=True).returncode == 0
+    subprocess.run([str(KAFKA_SH), "start"], check=True)
+    yield kafka_io.BOOTSTRAP
+    if not was_running:
+        subprocess.run([str(KAFKA_SH), "stop"], check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    """`tagstream worker` in a child process, observed through its /metrics endpoint."""
+
+    def __init__(self, settings: Settings, log_path: Path):
+        self.settings = settings
+        self.log_path = log_path
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> "WorkerProcess":
+        env = {**os.environ, **self.settings.to_environ()}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=REPO,
+            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def metrics(self) -> Optional[dict]:
+        return scrape(self.settings.metrics_port)
+
+    def wait_for_rules(self, versions: int, timeout: float = 60.0) -> None:
+        """Block until the worker's rule book is ready and holds `versions` versions."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"worker exited:\n{self.log_tail()}"
+            samples = self.metrics()
+            if total(samples, "tagstream_rule_book_ready") == 1 and \
+                    total(samples, "tagstream_rule_versions") >= versions:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"worker did not load {versions} rule versions in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Pipeline:
+    """One isolated tagstream deployment on the shared broker: its own topics, consumer
+    group, state directory and metrics port."""
+
+    def __init__(self, tmp_dir: Path, partitions: int = 4):
+        tag = uuid.uuid4().hex[:8]
+        self.settings = Settings.load(overrides={
+            "app_id": f"it-{tag}", "topic_prefix": f"it-{tag}.", "partitions": partitions,
+            "data_dir": str(tmp_dir / "worker-data"), "metrics_port": free_port(),
+            "log_level": "info"}, environ={})
+        self.tmp_dir = tmp_dir
+        self.workers: list[WorkerProcess] = []
+
+    def topic(self, name: str) -> str:
+        return self.settings.topic(name + "_topic")
+
+    def start_worker(self) -> WorkerProcess:
+        worker = WorkerProcess(self.settings, self.tmp_dir / f"worker-{len(self.workers)}.log").start()
+        self.workers.append(worker)
+        return worker
+
+    def send(self, *records: tuple[str, str, Optional[dict]]) -> None:
+        """Send (topic short name, key, JSON value) records in order."""
+        kafka_io.produce(kafka_io.json_record(self.topic(t), k, v) for t, k, v in records)
+
+    def send_raw(self, *records: tuple[str, Optional[bytes], Optional[bytes]]) -> None:
+        kafka_io.produce((self.topic(t), k, v) for t, k, v in records)
+
+    def read(self, topic: str, until=lambda records: False, timeout: float = 30.0, settle: float = 0.0) -> list:
+        return kafka_io.read_topic(self.topic(topic), self.settings.partitions, until, timeout, settle)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()

@@ -1,0 +1,66 @@
+"""Test-side Kafka I/O against the real local broker: produce raw records, read topics back.
+
+Synchronous wrappers (one asyncio.run per call) keep the scenario tests readable.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Iterable, Optional
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+BOOTSTRAP = "127.0.0.1:9092"
+
+
+def produce(records: Iterable[tuple[str, Optional[bytes], Optional[bytes]]]) -> None:
+    """Send (topic, key, value) records in order and wait for every ack."""
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", enable_idempotence=True)
+        await producer.start()
+        try:
+            futures = [await producer.send(topic, key=key, value=value) for topic, key, value in records]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+    asyncio.run(run())
+
+
+def json_record(topic: str, key: str, value: Optional[dict]) -> tuple[str, bytes, Optional[bytes]]:
+    return topic, key.encode(), None if value is None else orjson.dumps(value)
+
+
+def read_topic(topic: str, partitions: int, until: Callable[[list], bool] = lambda records: False,
+               timeout: float = 30.0, settle: float = 0.0) -> list:
+    """Every committed record of `topic` from the beginning, read until `until(records)` holds
+    (then `settle` seconds more, to catch anything that should NOT be there) or `timeout`."""
+    async def run() -> list:
+        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=None,
+                                    enable_auto_commit=False, isolation_level="read_committed")
+        await consumer.start()
+        try:
+            while topic not in await consumer.topics():
+                await asyncio.sleep(0.2)
+            tps = [TopicPartition(topic, p) for p in range(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            records: list = []
+            deadline = time.monotonic() + timeout
+            settle_until = None
+            while time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=200)
+                for batch in batches.values():
+                    records.extend(batch)
+                if settle_until is None and until(records):
+                    settle_until = time.monotonic() + settle
+                if settle_until is not None and time.monotonic() >= settle_until:
+                    break
+            return records
+        finally:
+            await consumer.stop()
+    return asyncio.run(run())
+
+
+def values(records: list) -> list[dict]:
+    return [orjson.loads(r.value) for r in records]
