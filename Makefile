@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 EVENTS ?= 0
-RATE   ?= 0
+RATE   ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-unit test-slow broker broker-stop broker-reset clean
@@ -34,7 +34,7 @@ broker-reset:
 ## The main job on the embedded default: local broker, worker, file sink, generated load.
 ## `make run EVENTS=20000` stops by itself; plain `make run` runs until Ctrl-C.
 run: broker
-	$(BIN)/tagstream run --events $(EVENTS) --rate $(RATE)
+	$(BIN)/tagstream run --events $(EVENTS) $(if $(RATE),--rate $(RATE))
 
 ## Every test that belongs in CI (unit + integration on the real broker).
 test: setup

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "generated stream and show progress (events/s, reports by type, lag) until "
                 "--events are processed or Ctrl-C. Example: tagstream run --events 20000")
     p.add_argument("--events", type=int, default=0, help="stop after this many events (0: until Ctrl-C)")
-    p.add_argument("--rate", type=float, default=0, help="events per second to offer (0: as fast as possible)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="events per second to offer; 0: as fast as possible "
+                        "[default: 0 with --events, 1000 until Ctrl-C]")
     p.add_argument("--seed", type=int, default=None, help="random seed of the generated load (default: time)")
     p.add_argument("--reports-file", default=".state/run/reports.ndjson", help="where the sink writes NDJSON")
 
@@ -203,7 +205,8 @@ def cmd_settings(args, settings: Settings) -> int:
 
 def cmd_run(args, settings: Settings) -> int:
     from streams.demo import run_demo
-    return run_demo(settings, events=args.events, rate=args.rate, seed=args.seed,
+    rate = args.rate if args.rate is not None else (0 if args.events else 1000)
+    return run_demo(settings, events=args.events, rate=rate, seed=args.seed,
                     reports_file=args.reports_file)
 
 
