@@ -1,5 +1,5 @@
-"""Per-customer processing: tag events and contact events of one customer, merged in event
-time, applied to that customer's state in the changelogged `customers` table.
+"""Per-customer processing: tag events and contact events, merged in event time, applied by
+the reporting engine (`streams.semantics`) to state in changelogged tables.
 
 Both event topics are keyed by `corp_id:external_userid` and have the same partition count,
 so partition N of each lands on the same worker. Kafka orders each topic partition but not
@@ -7,6 +7,11 @@ the two topics against each other, so arriving events go through `streams.merge`
 are applied in `ts` order (contacts first on ties). The stream runs without automatic acks:
 an event is acked only once it has been applied, so a buffered event is never committed
 past, and a crash or rebalance re-delivers it.
+
+State tables, all partitioned like the input topics:
+- `customers`     corp_id:external_userid -> CustomerState
+- `stream_clocks` partition               -> PartitionClock (stream time, hold-index range)
+- `hold_index`    partition:bucket        -> [(deadline, customer, type)] due in that minute
 """
 from __future__ import annotations
 
@@ -25,35 +30,72 @@ from agents.rules import RuleReplica
 from schemas.validation import Rejection, decode_contact_event, decode_tag_event
 from streams import metrics
 from streams.merge import CoPartitionMerge
-from streams.semantics import CustomerState, ReportingPolicy, apply_event
+from streams.semantics import (
+    CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, StepResult)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@contextlib.contextmanager
-def applying(event) -> Iterator[None]:
-    """Make `event` Faust's current event while it is applied, so table writes go to the
-    changelog partition of the event's own partition even when it is released later, by a
-    different arrival or by the idle timer."""
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
+class TableStore:
+    """The engine's `StateStore`, backed by Faust tables (raw bytes, orjson inside)."""
+
+    def __init__(self, customers, stream_clocks, hold_index):
+        self.customers = customers
+        self.stream_clocks = stream_clocks
+        self.hold_index = hold_index
+
+    def customer(self, key: str) -> CustomerState:
+        return CustomerState.decode(self.customers.get(key.encode()))
+
+    def put_customer(self, key: str, state: CustomerState) -> None:
+        self.customers[key.encode()] = state.encode()
+
+    def clock(self, partition: int) -> PartitionClock:
+        return PartitionClock.decode(self.stream_clocks.get(str(partition).encode()))
+
+    def put_clock(self, partition: int, clock: PartitionClock) -> None:
+        self.stream_clocks[str(partition).encode()] = clock.encode()
+
+    def bucket(self, partition: int, bucket: int) -> list[HoldEntry]:
+        stored = self.hold_index.get(f"{partition}:{bucket}".encode())
+        return [tuple(e) for e in orjson.loads(stored)] if stored else []
+
+    def put_bucket(self, partition: int, bucket: int, entries: list[HoldEntry]) -> None:
+        key = f"{partition}:{bucket}".encode()
+        if entries:
+            self.hold_index[key] = orjson.dumps(entries)
+        elif key in self.hold_index:
+            del self.hold_index[key]
+
+
+class _Message:
+    __slots__ = ("topic", "partition", "tp", "offset", "timestamp", "__weakref__")
+
+    def __init__(self, topic: str, partition: int):
+        self.topic, self.partition, self.tp = topic, partition, TP(topic, partition)
+        self.offset, self.timestamp = -1, 0.0
+
+
+class _PartitionContext:
+    """What Faust's tables read from the current event: the partition to store under."""
+    __slots__ = ("message", "__weakref__")
+
+    def __init__(self, topic: str, partition: int):
+        self.message = _Message(topic, partition)
 
 
 class CustomerEvents:
-    """The agent over tag-events + contact-events, and the timer that releases waiting events."""
+    """The agent over tag-events + contact-events, and the timer for waiting work."""
 
-    def __init__(self, app, *, customers, replica: RuleReplica, policy: ReportingPolicy,
+    def __init__(self, app, *, store: TableStore, replica: RuleReplica, policy: ReportingPolicy,
                  tag_events_topic: str, contact_events_topic: str, merge_wait_ms: int,
                  conversion_reports, unreportable, dead_letters):
         self.app = app
-        self.customers = customers
         self.replica = replica
-        self.policy = policy
+        self.engine = ReportingEngine(store, replica.book.rule_as_of, policy)
+        self.tag_events_topic = tag_events_topic
         self.decoders = {tag_events_topic: decode_tag_event, contact_events_topic: decode_contact_event}
         self.merge: CoPartitionMerge = CoPartitionMerge(
             (contact_events_topic, tag_events_topic), max_wait_ms=merge_wait_ms)
@@ -61,6 +103,7 @@ class CustomerEvents:
         self.unreportable = unreportable
         self.dead_letters = dead_letters
         self.seen: dict[TP, int] = {}       # last offset received per input partition
+        self.contexts: dict[int, _PartitionContext] = {}
         self.lock = asyncio.Lock()          # the agent and the timer take turns
         self.stream = None
 
@@ -81,13 +124,20 @@ class CustomerEvents:
                 self.merge.offer(message.partition, message.topic, decoded.ts, (event, decoded), _now_ms())
                 await self._release(message.partition)
 
-    async def release_waiting(self) -> None:
-        """Timer: apply events that waited `merge_wait` for the other topic."""
+    async def tick(self) -> None:
+        """Timer: apply events that waited `merge_wait` for the other topic, and release
+        holds of idle partitions once wall-clock time is `idle_grace` past their deadline."""
         if self.stream is None:
             return
         async with self.lock:
             for partition in self.merge.waiting_partitions():
                 await self._release(partition)
+            wall = _now_ms()
+            for partition in self._assigned_partitions():
+                if self._idle(partition):
+                    with self._applying(partition):
+                        result = self.engine.on_idle(partition, wall, wall)
+                    await self._send(result, wall)
 
     async def on_partitions_revoked(self, revoked) -> None:
         async with self.lock:
@@ -96,13 +146,54 @@ class CustomerEvents:
                 self.merge.forget(tp.partition)
 
     # -- internals -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _applying(self, partition: int) -> Iterator[None]:
+        """Make Faust's tables store under `partition`, even when the work is done later
+        than the event's arrival (merge release) or without an event (idle timer)."""
+        context = self.contexts.get(partition)
+        if context is None:
+            context = self.contexts[partition] = _PartitionContext(self.tag_events_topic, partition)
+        token = _current_event.set(weakref.ref(context))
+        try:
+            yield
+        finally:
+            _current_event.reset(token)
+
     async def _release(self, partition: int) -> None:
         def caught_up(source: str) -> bool:
             return self._caught_up(TP(source, partition))
         for event, decoded in list(self.merge.release(partition, caught_up, _now_ms())):
-            with applying(event):
-                await self._apply(event.message.topic, event.message.key, decoded)
+            now_ms = _now_ms()
+            with self._applying(partition):
+                result = self.engine.on_event(partition, decoded, now_ms)
+            metrics.EVENTS.labels(event.message.topic, result.outcome).inc()
+            await self._send(result, now_ms)
             await self.stream.ack(event)
+
+    async def _send(self, result: StepResult, now_ms: int) -> None:
+        for report in result.reports:
+            # force=True sends now instead of at the next commit (latency). Faust flushes the
+            # producer before committing offsets, so a report is on the broker before its
+            # event counts as processed.
+            await self.conversion_reports.send(
+                key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True)
+            metrics.observe_report(report, now_ms)
+        for report in result.unreportable:
+            await self.unreportable.send(
+                key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True)
+            metrics.UNREPORTABLE.labels(report.standard_type, report.reason).inc()
+        if result.holds_delta:
+            metrics.HELD_REPORTS.inc(result.holds_delta)
+
+    def _assigned_partitions(self) -> list[int]:
+        return sorted(tp.partition for tp in self.app.consumer.assignment()
+                      if tp.topic == self.tag_events_topic)
+
+    def _idle(self, partition: int) -> bool:
+        """No event of this partition is waiting or still unread on either topic."""
+        if partition in self.merge.waiting_partitions():
+            return False
+        return all(self._caught_up(TP(source, partition)) for source in self.merge.sources)
 
     def _caught_up(self, tp: TP) -> bool:
         """True if this worker has received every record of `tp` up to its log end."""
@@ -117,25 +208,3 @@ class CustomerEvents:
             committed = consumer._committed_offset.get(tp)  # noqa: SLF001
             seen = (committed or 0) - 1
         return seen + 1 >= log_end
-
-    async def _apply(self, topic: str, key: bytes, decoded) -> None:
-        now_ms = _now_ms()
-        state = CustomerState.decode(self.customers.get(key))
-        state, result = apply_event(state, decoded, self.replica.book.rule_as_of, self.policy, now_ms)
-        self.customers[key] = state.encode()
-        metrics.EVENTS.labels(topic, result.outcome).inc()
-        for report in result.reports:
-            # force=True sends now instead of at the next commit (latency). Faust flushes the
-            # producer before committing offsets, so a report is on the broker before its
-            # event counts as processed.
-            await self.conversion_reports.send(
-                key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True)
-            metrics.REPORTS.labels(report.standard_type, report.mode).inc()
-            metrics.EVENT_TO_REPORT.labels(report.standard_type).observe(
-                max(0.0, (now_ms - report.event_ts) / 1000))
-            if report.tagging_delay_ms is not None:
-                metrics.TAGGING_DELAY.labels(report.standard_type).observe(report.tagging_delay_ms / 1000)
-        for report in result.unreportable:
-            await self.unreportable.send(
-                key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True)
-            metrics.UNREPORTABLE.labels(report.standard_type, report.reason).inc()

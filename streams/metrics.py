@@ -35,11 +35,22 @@ TAGGING_DELAY = Histogram(
     "Event time of the tag minus the customer's add time, per reported standard type",
     ["standard_type"],
     buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400))
+HELD_REPORTS = Gauge(
+    "tagstream_held_reports",
+    "Delayed reports (LONG_TERM, INVALID) waiting for their deadline; counts this process's changes")
 EVENT_TO_REPORT = Histogram(
     "tagstream_event_to_report_seconds",
     "Wall-clock time from an event's ts to the emission of its report, per standard type",
     ["standard_type"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+
+def observe_report(report, now_ms: int) -> None:
+    """Count one emitted report, its freshness and its tagging delay."""
+    REPORTS.labels(report.standard_type, report.mode).inc()
+    EVENT_TO_REPORT.labels(report.standard_type).observe(max(0.0, (now_ms - report.event_ts) / 1000))
+    if report.tagging_delay_ms is not None:
+        TAGGING_DELAY.labels(report.standard_type).observe(max(0.0, report.tagging_delay_ms / 1000))
 
 
 def serve(port: int) -> None:

@@ -1,52 +1,93 @@
-"""The reporting semantics of SPEC §4, as a pure function over per-customer state.
+"""The reporting semantics of SPEC §4, as plain Python: customer state, partition clocks,
+and the functions that move them forward.
 
-    state, result = apply_event(state, event, rule_as_of, policy, now_ms)
+    engine = ReportingEngine(store, rule_as_of, policy)
+    result = engine.on_event(partition, event, now_ms)     # one valid event
+    result = engine.on_idle(partition, wall_ms, now_ms)    # live mode: idle-grace releases
+    result = engine.flush(partition, now_ms)               # end of a replay: resolve every hold
 
-`apply_event` is the only place where tagstream decides whether a tag becomes a report.
-It imports neither Faust nor Kafka: the agents in `agents/` decode records, call it, persist
-the returned state in a changelogged table and send the returned reports. Property tests
-and the reference model exercise this module directly.
+This module is the only place where tagstream decides whether a tag becomes a report. It
+imports neither Faust nor Kafka. State lives behind the small `StateStore` interface: the
+worker backs it with changelogged Faust tables, replay and the tests with dicts. Outputs are
+returned, never sent: the agents in `agents/` send them.
 
-Rules implemented here:
-- rule 2, mapping: a tag add is looked up with `rule_as_of(corp_id, tag_id, ts)`;
-- rule 3, once per customer and type: `CustomerState.reported`;
-- rule 4, real-time types are emitted at once, mode "realtime";
-- rule 7, identity: no identity -> unreportable, which does not count for rule 3;
-- rule 9, tagging delay: event ts minus the customer's add time, on every report.
-Not yet here (SPEC rules 1, 5, 6 and stream time): event-id dedupe, the ORDER window and
-delayed holds for LONG_TERM/INVALID. Until they land, a delayed-type add is counted as
-`delayed_pending` and reports nothing, rather than being reported with the wrong timing.
+How time works (SPEC §4): each partition number has a stream time, the greatest `ts` of the
+events seen on it. An event first advances stream time, which releases every hold due at or
+before it (in deadline, customer, type order), then is applied. Holds are indexed by
+deadline in buckets per partition, so releasing never scans all customers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Optional, Protocol, Union
 
 import orjson
 
 from schemas.records import (
-    ADD_EXTERNAL_CONTACT, DEFAULT_CUSTOM_ACTIONS, REALTIME_TYPES, REASON_NO_USER_IDENTITY,
-    ContactEvent, ConversionReport, ReportingRule, TagEvent, outer_action_id)
+    ADD_EXTERNAL_CONTACT, DEFAULT_CUSTOM_ACTIONS, DELAYED_TYPES, LONG_TERM, ORDER,
+    REASON_ADD_TIME_UNKNOWN, REASON_NO_USER_IDENTITY, REASON_ORDER_AFTER_WINDOW, REALTIME_TYPES,
+    ContactEvent, ConversionReport, ReportingRule, TagEvent, customer_key, outer_action_id)
 
 RuleAsOf = Callable[[str, str, int], Optional[ReportingRule]]
+Event = Union[TagEvent, ContactEvent]
 IDENTITY_FIELDS = ("wechat_app_id", "wechat_unionid", "wechat_openid", "click_id")
+USER_ID_FIELDS = ("wechat_app_id", "wechat_unionid", "wechat_openid")
 
-# What happened to an event; one per event, the label of tagstream_events_total.
+# What happened to an event: one per event, the `outcome` label of tagstream_events_total.
 REPORTED = "reported"
 UNREPORTABLE = "unreportable"
 UNMAPPED = "unmapped"
 ALREADY_REPORTED = "already_reported"
-DELAYED_PENDING = "delayed_pending"
-TAG_REMOVED = "tag_removed"
+HELD = "held"                  # started a delayed hold
+HOLD_JOINED = "hold_joined"    # another supporting tag for a hold already running
+CANCELLED = "cancelled"        # a remove that cancelled a hold
+TAG_REMOVED = "tag_removed"    # a remove that cancelled nothing
 CONTACT_APPLIED = "contact_applied"
-EVENT_OUTCOMES = (REPORTED, UNREPORTABLE, UNMAPPED, ALREADY_REPORTED, DELAYED_PENDING,
-                  TAG_REMOVED, CONTACT_APPLIED)
+DUPLICATE = "duplicate"
+EVENT_OUTCOMES = (REPORTED, UNREPORTABLE, UNMAPPED, ALREADY_REPORTED, HELD, HOLD_JOINED,
+                  CANCELLED, TAG_REMOVED, CONTACT_APPLIED, DUPLICATE)
+
+#: Width of one deadline bucket of the hold index. Small enough that a bucket holds few
+#: entries, large enough that a 30-minute hold spans only 30 of them.
+HOLD_BUCKET_MS = 60_000
 
 
 @dataclass(frozen=True)
 class ReportingPolicy:
     """The settings the semantics depend on (a slice of `streams.settings.Settings`)."""
     default_action_types: dict[str, str]
+    order_window: int = 7 * 86_400_000
+    delay_hold: int = 30 * 60_000
+    idle_grace: int = 5 * 60_000
+    dedupe_horizon: int = 7 * 86_400_000
+
+    @classmethod
+    def from_settings(cls, settings) -> "ReportingPolicy":
+        return cls(default_action_types=settings.default_action_types,
+                   order_window=settings.order_window, delay_hold=settings.delay_hold,
+                   idle_grace=settings.idle_grace, dedupe_horizon=settings.dedupe_horizon)
+
+
+# -- state ------------------------------------------------------------------------------
+
+@dataclass
+class Hold:
+    """A delayed report waiting for its deadline (SPEC §4 rule 6)."""
+    standard_type: str
+    deadline: int
+    event: dict            # the first supporting add: event_id, tag_id, userid, ts
+    rule: dict             # the rule that add used (account, action set, action type)
+    reason: Optional[str]
+    support: list[str]     # tag ids whose removal would cancel the hold
+    add_time: Optional[int]
+
+    def encode(self) -> list:
+        return [self.standard_type, self.deadline, self.event, self.rule, self.reason,
+                self.support, self.add_time]
+
+    @classmethod
+    def decode(cls, fields: list) -> "Hold":
+        return cls(*fields)
 
 
 @dataclass
@@ -56,99 +97,327 @@ class CustomerState:
     add_times: dict[str, int] = field(default_factory=dict)
     #: newest non-null value of each identity field seen on the customer's contact events
     identity: dict[str, str] = field(default_factory=dict)
-    #: standard types already reported for this customer (SPEC §4 rule 3)
+    #: standard types already reported for this customer (rule 3)
     reported: list[str] = field(default_factory=list)
+    #: event_id -> ts of applied events, kept for dedupe_horizon of stream time (rule 1)
+    seen: dict[str, int] = field(default_factory=dict)
+    #: standard type -> running delayed hold
+    holds: dict[str, Hold] = field(default_factory=dict)
 
     def add_time_for(self, userid: str) -> Optional[int]:
-        """The tagging staff member's add time, else the customer's earliest (SPEC §4 rule 5)."""
+        """The tagging staff member's add time, else the customer's earliest (rule 5)."""
         if userid in self.add_times:
             return self.add_times[userid]
         return min(self.add_times.values()) if self.add_times else None
 
     def has_identity(self) -> bool:
-        """SPEC §4 rule 7: app id plus unionid or openid, or a click id."""
+        """Rule 7: app id plus unionid or openid, or a click id."""
         ident = self.identity
         return bool(("wechat_app_id" in ident and ("wechat_unionid" in ident or "wechat_openid" in ident))
                     or "click_id" in ident)
 
     def encode(self) -> bytes:
-        return orjson.dumps({"a": self.add_times, "i": self.identity, "r": self.reported})
+        return orjson.dumps({"a": self.add_times, "i": self.identity, "r": self.reported,
+                             "s": self.seen, "h": [h.encode() for h in self.holds.values()]})
 
     @classmethod
     def decode(cls, payload: Optional[bytes]) -> "CustomerState":
         if payload is None:
             return cls()
         stored = orjson.loads(payload)
-        return cls(add_times=stored["a"], identity=stored["i"], reported=stored["r"])
+        holds = {h[0]: Hold.decode(h) for h in stored.get("h", ())}
+        return cls(add_times=stored["a"], identity=stored["i"], reported=stored["r"],
+                   seen=stored.get("s", {}), holds=holds)
 
 
-@dataclass(frozen=True)
+@dataclass
+class PartitionClock:
+    """Stream time of one partition number, and the range of its hold index in use."""
+    stream_time: int = -1
+    low_bucket: Optional[int] = None    # no due entry lives below this bucket
+    high_bucket: Optional[int] = None   # no entry at all lives above this bucket
+
+    def encode(self) -> bytes:
+        return orjson.dumps([self.stream_time, self.low_bucket, self.high_bucket])
+
+    @classmethod
+    def decode(cls, payload: Optional[bytes]) -> "PartitionClock":
+        return cls(*orjson.loads(payload)) if payload is not None else cls()
+
+
+#: One hold-index entry: (deadline, customer key, standard type).
+HoldEntry = tuple[int, str, str]
+
+
+class StateStore(Protocol):
+    """Where the engine keeps state. Keys are strings; values are the objects above."""
+    def customer(self, key: str) -> CustomerState: ...
+    def put_customer(self, key: str, state: CustomerState) -> None: ...
+    def clock(self, partition: int) -> PartitionClock: ...
+    def put_clock(self, partition: int, clock: PartitionClock) -> None: ...
+    def bucket(self, partition: int, bucket: int) -> list[HoldEntry]: ...
+    def put_bucket(self, partition: int, bucket: int, entries: list[HoldEntry]) -> None: ...
+
+
+class MemoryStore:
+    """A `StateStore` in dicts: for replay, the tests and the reference comparisons."""
+
+    def __init__(self) -> None:
+        self.customers: dict[str, CustomerState] = {}
+        self.clocks: dict[int, PartitionClock] = {}
+        self.buckets: dict[tuple[int, int], list[HoldEntry]] = {}
+
+    def customer(self, key: str) -> CustomerState:
+        return self.customers.get(key) or CustomerState()
+
+    def put_customer(self, key: str, state: CustomerState) -> None:
+        self.customers[key] = state
+
+    def clock(self, partition: int) -> PartitionClock:
+        return self.clocks.get(partition) or PartitionClock()
+
+    def put_clock(self, partition: int, clock: PartitionClock) -> None:
+        self.clocks[partition] = clock
+
+    def bucket(self, partition: int, bucket: int) -> list[HoldEntry]:
+        return list(self.buckets.get((partition, bucket), ()))
+
+    def put_bucket(self, partition: int, bucket: int, entries: list[HoldEntry]) -> None:
+        if entries:
+            self.buckets[(partition, bucket)] = entries
+        else:
+            self.buckets.pop((partition, bucket), None)
+
+
+# -- results ----------------------------------------------------------------------------
+
+@dataclass
 class StepResult:
-    outcome: str
-    reports: tuple[ConversionReport, ...] = ()
-    unreportable: tuple[ConversionReport, ...] = ()
+    """What one call produced, in the order it must be sent."""
+    outcome: Optional[str] = None                 # the event's own outcome (None for timers)
     standard_type: Optional[str] = None
+    reports: list[ConversionReport] = field(default_factory=list)
+    unreportable: list[ConversionReport] = field(default_factory=list)
+    released: int = 0                             # holds released by this call
+    holds_delta: int = 0                          # change in running holds
 
 
-def apply_event(state: CustomerState, event: Union[TagEvent, ContactEvent], rule_as_of: RuleAsOf,
-                policy: ReportingPolicy, now_ms: int) -> tuple[CustomerState, StepResult]:
-    """Apply one valid event of one customer. The state is updated in place and returned."""
-    if isinstance(event, ContactEvent):
-        return _apply_contact(state, event)
-    if event.op != "add":
-        return state, StepResult(TAG_REMOVED)
-    rule = rule_as_of(event.corp_id, event.tag_id, event.ts)
-    if rule is None or rule.standard_type is None:
-        return state, StepResult(UNMAPPED)
-    standard_type = rule.standard_type
-    if standard_type in state.reported:
-        return state, StepResult(ALREADY_REPORTED, standard_type=standard_type)
-    if standard_type not in REALTIME_TYPES:
-        return state, StepResult(DELAYED_PENDING, standard_type=standard_type)
-    report = build_report(state, event, rule, policy, mode="realtime", reason=None, now_ms=now_ms)
-    if not state.has_identity():
-        return state, StepResult(UNREPORTABLE, unreportable=(_unreportable(report),),
-                                 standard_type=standard_type)
-    state.reported.append(standard_type)
-    return state, StepResult(REPORTED, reports=(report,), standard_type=standard_type)
+# -- the engine -------------------------------------------------------------------------
+
+class ReportingEngine:
+    """SPEC §4 over a `StateStore`. One instance serves every partition of a worker."""
+
+    def __init__(self, store: StateStore, rule_as_of: RuleAsOf, policy: ReportingPolicy):
+        self.store = store
+        self.rule_as_of = rule_as_of
+        self.policy = policy
+
+    # entry points ----------------------------------------------------------------------
+    def on_event(self, partition: int, event: Event, now_ms: int) -> StepResult:
+        result = StepResult()
+        clock = self.store.clock(partition)
+        if event.ts > clock.stream_time:
+            clock.stream_time = event.ts
+        self._release_due(partition, clock, clock.stream_time, result, now_ms)
+        self.store.put_clock(partition, clock)
+
+        key = customer_key(event.corp_id, event.external_userid)
+        state = self.store.customer(key)
+        horizon = clock.stream_time - self.policy.dedupe_horizon
+        if any(ts < horizon for ts in state.seen.values()):
+            state.seen = {eid: ts for eid, ts in state.seen.items() if ts >= horizon}
+        if event.event_id in state.seen:
+            result.outcome = DUPLICATE
+            return result
+        state.seen[event.event_id] = event.ts
+        if isinstance(event, ContactEvent):
+            self._apply_contact(state, event, result)
+        elif event.op == "add":
+            self._apply_add(partition, clock, key, state, event, result, now_ms)
+        else:
+            self._apply_remove(state, event, result)
+        self.store.put_customer(key, state)
+        return result
+
+    def on_idle(self, partition: int, wall_ms: int, now_ms: int) -> StepResult:
+        """Live mode: release holds whose deadline passed `idle_grace` ago in wall-clock
+        time, so an idle partition still flushes. Stream time does not move."""
+        result = StepResult()
+        clock = self.store.clock(partition)
+        self._release_due(partition, clock, wall_ms - self.policy.idle_grace, result, now_ms)
+        self.store.put_clock(partition, clock)
+        return result
+
+    def flush(self, partition: int, now_ms: int) -> StepResult:
+        """End of input (replay): resolve every open hold, in deadline order."""
+        result = StepResult()
+        clock = self.store.clock(partition)
+        if clock.high_bucket is not None:
+            self._release_due(partition, clock, (clock.high_bucket + 1) * HOLD_BUCKET_MS, result, now_ms)
+        self.store.put_clock(partition, clock)
+        return result
+
+    # rules ----------------------------------------------------------------------------
+    def _apply_contact(self, state: CustomerState, event: ContactEvent, result: StepResult) -> None:
+        for name in IDENTITY_FIELDS:
+            value = getattr(event, name)
+            if value is not None:
+                state.identity[name] = value
+        if event.change_type == ADD_EXTERNAL_CONTACT:
+            known = state.add_times.get(event.userid)
+            if known is None or event.ts < known:
+                state.add_times[event.userid] = event.ts
+        result.outcome = CONTACT_APPLIED
+
+    def _apply_remove(self, state: CustomerState, event: TagEvent, result: StepResult) -> None:
+        result.outcome = TAG_REMOVED
+        for standard_type, hold in list(state.holds.items()):
+            if event.tag_id in hold.support:
+                hold.support.remove(event.tag_id)
+                if not hold.support:
+                    # Cancelled. Its index entry stays and is skipped when it comes due.
+                    del state.holds[standard_type]
+                    result.outcome, result.standard_type = CANCELLED, standard_type
+                    result.holds_delta -= 1
+
+    def _apply_add(self, partition: int, clock: PartitionClock, key: str, state: CustomerState,
+                   event: TagEvent, result: StepResult, now_ms: int) -> None:
+        rule = self.rule_as_of(event.corp_id, event.tag_id, event.ts)
+        if rule is None or rule.standard_type is None:
+            result.outcome = UNMAPPED
+            return
+        standard_type, reason = rule.standard_type, None
+        add_time = state.add_time_for(event.userid)
+        if standard_type == ORDER:
+            if add_time is None:
+                reason = REASON_ADD_TIME_UNKNOWN
+            elif event.ts - add_time > self.policy.order_window:
+                standard_type, reason = LONG_TERM, REASON_ORDER_AFTER_WINDOW
+        result.standard_type = standard_type
+        if standard_type in state.reported:
+            result.outcome = ALREADY_REPORTED
+            return
+        first_add = {"event_id": event.event_id, "tag_id": event.tag_id, "userid": event.userid,
+                     "ts": event.ts, "corp_id": event.corp_id, "external_userid": event.external_userid}
+        if standard_type in REALTIME_TYPES:
+            report = self._report(state, standard_type, first_add, rule.as_wire(), "realtime",
+                                  reason, add_time, now_ms)
+            result.outcome = self._deliver(state, report, result)
+            return
+        assert standard_type in DELAYED_TYPES
+        hold = state.holds.get(standard_type)
+        if hold is not None:
+            if event.tag_id not in hold.support:
+                hold.support.append(event.tag_id)
+            result.outcome = HOLD_JOINED
+            return
+        deadline = event.ts + self.policy.delay_hold
+        state.holds[standard_type] = Hold(standard_type, deadline, first_add, rule.as_wire(), reason,
+                                          [event.tag_id], add_time)
+        self._index(partition, clock, (deadline, key, standard_type))
+        result.outcome = HELD
+        result.holds_delta += 1
+
+    def _deliver(self, state: CustomerState, report: ConversionReport, result: StepResult) -> str:
+        """Rule 7: with identity the report goes out and counts; without, it is parked."""
+        if state.has_identity():
+            state.reported.append(report.standard_type)
+            result.reports.append(report)
+            return REPORTED
+        result.unreportable.append(replace(report, reason=REASON_NO_USER_IDENTITY))
+        return UNREPORTABLE
+
+    # holds ----------------------------------------------------------------------------
+    def _index(self, partition: int, clock: PartitionClock, entry: HoldEntry) -> None:
+        bucket = entry[0] // HOLD_BUCKET_MS
+        if clock.low_bucket is not None and bucket < clock.low_bucket:
+            bucket = clock.low_bucket      # already due: the next release looks here first
+        entries = self.store.bucket(partition, bucket)
+        entries.append(entry)
+        self.store.put_bucket(partition, bucket, entries)
+        clock.low_bucket = bucket if clock.low_bucket is None else min(clock.low_bucket, bucket)
+        clock.high_bucket = bucket if clock.high_bucket is None else max(clock.high_bucket, bucket)
+        self.store.put_clock(partition, clock)
+
+    def _release_due(self, partition: int, clock: PartitionClock, up_to: int,
+                     result: StepResult, now_ms: int) -> None:
+        """Release every indexed hold of the partition with deadline <= up_to."""
+        if clock.low_bucket is None or up_to < clock.low_bucket * HOLD_BUCKET_MS:
+            return
+        last = min(up_to // HOLD_BUCKET_MS, clock.high_bucket)
+        due: list[HoldEntry] = []
+        for bucket in range(clock.low_bucket, last + 1):
+            entries = self.store.bucket(partition, bucket)
+            if not entries:
+                continue
+            keep = [e for e in entries if e[0] > up_to]
+            due += [e for e in entries if e[0] <= up_to]
+            if len(keep) != len(entries):
+                self.store.put_bucket(partition, bucket, keep)
+        # Every bucket below `last` is now empty; `last` may still hold later deadlines.
+        if last >= clock.high_bucket and not self.store.bucket(partition, last):
+            clock.low_bucket = clock.high_bucket = None
+        else:
+            clock.low_bucket = last
+        for deadline, key, standard_type in sorted(due):
+            self._release(key, standard_type, deadline, result, now_ms)
+
+    def _release(self, key: str, standard_type: str, deadline: int, result: StepResult, now_ms: int) -> None:
+        state = self.store.customer(key)
+        hold = state.holds.get(standard_type)
+        if hold is None or hold.deadline != deadline:
+            return                          # cancelled (and maybe re-held) since it was indexed
+        del state.holds[standard_type]
+        result.holds_delta -= 1
+        result.released += 1
+        if standard_type not in state.reported:
+            report = self._report(state, standard_type, hold.event, hold.rule, "delayed",
+                                  hold.reason, hold.add_time, now_ms)
+            self._deliver(state, report, result)
+        self.store.put_customer(key, state)
+
+    # reports --------------------------------------------------------------------------
+    def _report(self, state: CustomerState, standard_type: str, first_add: dict,
+                rule: dict, mode: str, reason: Optional[str], add_time: Optional[int],
+                now_ms: int) -> ConversionReport:
+        # From the event, not the customer key: ids may themselves contain ':'.
+        corp_id, external_userid = first_add["corp_id"], first_add["external_userid"]
+        action_type = self.policy.default_action_types[standard_type]
+        if rule["standard_type"] == standard_type and rule.get("action_type"):
+            action_type = rule["action_type"]
+        custom_action = None
+        if action_type == "CUSTOM":
+            custom_action = DEFAULT_CUSTOM_ACTIONS.get(standard_type, standard_type)
+        ident = state.identity
+        ts = first_add["ts"]
+        return ConversionReport(
+            outer_action_id=outer_action_id(corp_id, external_userid, standard_type),
+            account_id=rule["account_id"], user_action_set_id=rule["user_action_set_id"],
+            action_type=action_type, custom_action=custom_action, action_time=ts // 1000,
+            user_id={k: ident[k] for k in USER_ID_FIELDS if k in ident},
+            trace={"click_id": ident["click_id"]} if "click_id" in ident else {},
+            standard_type=standard_type, mode=mode, reason=reason,
+            corp_id=corp_id, external_userid=external_userid, tag_id=first_add["tag_id"],
+            source_event_id=first_add["event_id"], event_ts=ts, emitted_at=now_ms,
+            tagging_delay_ms=None if add_time is None else ts - add_time)
 
 
-def _apply_contact(state: CustomerState, event: ContactEvent) -> tuple[CustomerState, StepResult]:
-    for name in IDENTITY_FIELDS:
-        value = getattr(event, name)
-        if value is not None:
-            state.identity[name] = value
-    if event.change_type == ADD_EXTERNAL_CONTACT:
-        known = state.add_times.get(event.userid)
-        if known is None or event.ts < known:
-            state.add_times[event.userid] = event.ts
-    return state, StepResult(CONTACT_APPLIED)
-
-
-def build_report(state: CustomerState, event: TagEvent, rule: ReportingRule,
-                 policy: ReportingPolicy, *, mode: str, reason: Optional[str],
-                 now_ms: int) -> ConversionReport:
-    standard_type = rule.standard_type
-    assert standard_type is not None
-    action_type = rule.action_type or policy.default_action_types[standard_type]
-    custom_action = None
-    if action_type == "CUSTOM":
-        custom_action = DEFAULT_CUSTOM_ACTIONS.get(standard_type, standard_type)
-    ident = state.identity
-    add_time = state.add_time_for(event.userid)
-    return ConversionReport(
-        outer_action_id=outer_action_id(event.corp_id, event.external_userid, standard_type),
-        account_id=rule.account_id, user_action_set_id=rule.user_action_set_id,
-        action_type=action_type, custom_action=custom_action,
-        action_time=event.ts // 1000,
-        user_id={k: ident[k] for k in ("wechat_app_id", "wechat_unionid", "wechat_openid") if k in ident},
-        trace={"click_id": ident["click_id"]} if "click_id" in ident else {},
-        standard_type=standard_type, mode=mode, reason=reason,
-        corp_id=event.corp_id, external_userid=event.external_userid, tag_id=event.tag_id,
-        source_event_id=event.event_id, event_ts=event.ts, emitted_at=now_ms,
-        tagging_delay_ms=None if add_time is None else event.ts - add_time)
-
-
-def _unreportable(report: ConversionReport) -> ConversionReport:
-    from dataclasses import replace
-    return replace(report, reason=REASON_NO_USER_IDENTITY)
+def run_log(events: Iterable[tuple[int, Event]], rule_as_of: RuleAsOf, policy: ReportingPolicy,
+            now_ms: int = 0, flush: bool = True) -> tuple[list[ConversionReport], list[ConversionReport]]:
+    """Fold a whole log of (partition, event) through a fresh in-memory engine: the core as
+    replay and the property tests use it. Returns (reports, unreportable)."""
+    engine = ReportingEngine(MemoryStore(), rule_as_of, policy)
+    reports: list[ConversionReport] = []
+    unreportable: list[ConversionReport] = []
+    partitions = set()
+    for partition, event in events:
+        partitions.add(partition)
+        result = engine.on_event(partition, event, now_ms)
+        reports += result.reports
+        unreportable += result.unreportable
+    if flush:
+        for partition in sorted(partitions):
+            result = engine.flush(partition, now_ms)
+            reports += result.reports
+            unreportable += result.unreportable
+    return reports, unreportable

@@ -1,12 +1,14 @@
 """The whole tagstream flow, wired in one place.
 
-    tag-mappings ──▶ fold_rule_versions ──▶ [rule_versions table] ──changelog──▶ RuleReplica
-                                                                             (every worker)
-                                                                                  │ rule_as_of
-    tag-events ─────┐                                                             ▼
-                    ├─ts─▶ apply_customer_events ◀──▶ [customers table] ──▶ conversion-reports
-    contact-events ─┘          │                                       ──▶ unreportable
-                               └── bad input (any source) ─────────────▶ dead-letters
+    tag-mappings ──▶ fold_rule_versions ──▶ [rule_versions] ──changelog──▶ RuleReplica
+                                                                    (every worker)
+                                                                         │ rule_as_of(key, ts)
+    tag-events ─────┐                                                    ▼
+                    ├─ merged by ts ─▶ apply_customer_events ◀──▶ [customers, stream_clocks, hold_index]
+    contact-events ─┘                        │
+                                             ├──▶ conversion-reports
+                                             ├──▶ unreportable
+    bad input (any source) ──────────────────┴──▶ dead-letters
 
 `tagstream topology` prints this with the real topic names. All records are raw bytes at
 the Faust layer (`raw` codecs everywhere) and are encoded and decoded with orjson by
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import faust
 
-from agents.customers import CustomerEvents
+from agents.customers import CustomerEvents, TableStore
 from agents.rules import RuleReplica, fold_rule_versions
 from streams.semantics import ReportingPolicy
 from streams.settings import Settings
@@ -48,7 +50,8 @@ class Topology:
             f"  fold_rule_versions     {self.sources['tag_mappings']} -> rule_versions",
             f"  RuleReplica            rule_versions changelog (all partitions, no group) -> rule book",
             f"  apply_customer_events  {self.sources['tag_events']} + {self.sources['contact_events']}"
-            f" (merged by ts) -> customers, {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
+            f" (merged by ts) -> customers, stream_clocks, hold_index,"
+            f" {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
         ]
         lines.append("sinks:")
         lines += [f"  {name:<16} {t}" for name, t in self.sinks.items()]
@@ -85,6 +88,8 @@ def build_topology(settings: Settings) -> Topology:
     # -- state stores --------------------------------------------------------------------
     rule_versions = app.Table("rule_versions", partitions=s.partitions, key_type=bytes, value_type=bytes)
     customers = app.Table("customers", partitions=s.partitions, key_type=bytes, value_type=bytes)
+    stream_clocks = app.Table("stream_clocks", partitions=s.partitions, key_type=bytes, value_type=bytes)
+    hold_index = app.Table("hold_index", partitions=s.partitions, key_type=bytes, value_type=bytes)
 
     # -- sinks ---------------------------------------------------------------------------
     conversion_reports = app.topic(names["conversion_reports"], **RAW)
@@ -97,13 +102,13 @@ def build_topology(settings: Settings) -> Topology:
     app.agent(tag_mappings, name="fold_rule_versions")(
         fold_rule_versions(rule_versions, dead_letters))
     per_customer = CustomerEvents(
-        app, customers=customers, replica=replica,
-        policy=ReportingPolicy(default_action_types=s.default_action_types),
+        app, store=TableStore(customers, stream_clocks, hold_index), replica=replica,
+        policy=ReportingPolicy.from_settings(s),
         tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
         merge_wait_ms=s.merge_wait,
         conversion_reports=conversion_reports, unreportable=unreportable, dead_letters=dead_letters)
     app.agent(customer_events, name="apply_customer_events")(per_customer.agent)
-    app.timer(max(s.merge_wait, 20) / 2000)(per_customer.release_waiting)
+    app.timer(max(s.merge_wait, 20) / 2000)(per_customer.tick)
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(app, revoked, **kwargs):
@@ -112,5 +117,6 @@ def build_topology(settings: Settings) -> Topology:
     return Topology(
         app=app, settings=s, replica=replica,
         sources={k: names[k] for k in ("tag_mappings", "tag_events", "contact_events")},
-        tables={"rule_versions": rule_versions, "customers": customers},
+        tables={"rule_versions": rule_versions, "customers": customers,
+                "stream_clocks": stream_clocks, "hold_index": hold_index},
         sinks={k: names[k] for k in ("conversion_reports", "unreportable", "dead_letters")})

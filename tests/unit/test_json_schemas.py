@@ -4,7 +4,7 @@
 - for inputs, `schemas.validation` accepts a record iff its schema does (property test over
   near-valid records; the key always matches and records stay under 64 KiB, since the key
   check and the size limit are not the schema's business);
-- reports built by `streams.semantics` and dead letters built by `Rejection.dead_letter`
+- reports built by `streams.semantics` (run_log) and dead letters built by `Rejection.dead_letter`
   validate against theirs.
 """
 from __future__ import annotations
@@ -22,13 +22,12 @@ from jsonschema.exceptions import ValidationError
 from schemas.json_schemas import SCHEMA_NAMES, load_schema
 from schemas.records import (
     CONTACT_CHANGE_TYPES, DEAD_LETTER_CODES, DEFAULT_ACTION_TYPES, INVALID_FIELD, MAX_RECORD_BYTES,
-    MISSING_FIELD, MODES, REASON_ADD_TIME_UNKNOWN, REASON_NO_USER_IDENTITY,
-    REASON_ORDER_AFTER_WINDOW, STANDARD_TYPES, TAG_OPS, ContactEvent, ConversionReport, DeadLetter,
+    MISSING_FIELD, STANDARD_TYPES, TAG_OPS, ContactEvent, ConversionReport, DeadLetter,
     ReportingRule, TagEvent)
 from schemas.validation import (
     CONTACT_EVENT_FIELDS, REPORTING_RULE_FIELDS, TAG_EVENT_FIELDS, Rejection,
     decode_contact_event, decode_reporting_rule, decode_tag_event)
-from streams.semantics import CustomerState, ReportingPolicy, apply_event, build_report
+from streams.semantics import ReportingPolicy, run_log
 
 VALIDATORS = {name: Draft202012Validator(load_schema(name)) for name in SCHEMA_NAMES}
 
@@ -141,7 +140,7 @@ DROP = object()  # mutation marker: remove the field
 def mutations(draw, names: list[str]):
     """One change to one field: drop it, null it, or give it an edge or a wrong value."""
     name = draw(st.sampled_from(names))
-    how = draw(st.sampled_from(["drop", "null", "edge", "wrong"]))
+    how = draw(st.sampled_from(["drop", "null", "edge", "edge", "wrong"]))
     if how == "drop":
         return name, DROP
     if how == "null":
@@ -227,6 +226,51 @@ def test_decode_accepts_exactly_what_the_schema_accepts(name: str, data: st.Data
         assert type(decoded) is record_type
 
 
+# Fixed valid records for the exhaustive single-change check below.
+BASES = {
+    "tag_event": [{"event_id": "e-9f1c", "corp_id": "ww51a2", "external_userid": "wmKx01",
+                   "userid": "zhangsan", "tag_id": "etQ7x", "op": "add", "ts": 1763884800123,
+                   "source": "wecom_sidebar"}],
+    "contact_event": [{"event_id": "c-77a0", "corp_id": "ww51a2", "external_userid": "wmKx01",
+                       "userid": "zhangsan", "change_type": "add_external_contact",
+                       "ts": 1763884700000, "state": "ad_318", "wechat_app_id": "wx7d21",
+                       "wechat_unionid": "oU-3kd", "wechat_openid": None, "click_id": "clk_81"}],
+    "reporting_rule": [
+        {"corp_id": "ww51a2", "tag_id": "etQ7x", "tag_name": "核心", "standard_type": "VALID",
+         "account_id": 2001, "user_action_set_id": 11001, "effective_from": 1763800000000,
+         "version": 3, "action_type": None},
+        {"corp_id": "ww51a2", "tag_id": "etQ7x", "standard_type": None,
+         "effective_from": 1763900000000, "version": 4}],
+}
+NON_INTEGRAL_WRONG_VALUES = [None, True, False, 7, -7, 0.5, "", "7", [], ["x"], {}, {"a": 1}]
+
+
+def single_changes(body: dict, names: list[str]) -> Iterable[tuple[str, dict]]:
+    for name in names:
+        yield f"drop {name}", {k: v for k, v in body.items() if k != name}
+        for value in [*EDGE_VALUES[FIELD_KINDS[name]], *NON_INTEGRAL_WRONG_VALUES]:
+            yield f"{name}={value!r:.40}", {**body, name: value}
+
+
+@pytest.mark.parametrize("name", INPUT_KINDS)
+def test_every_single_field_change_is_judged_alike(name: str):
+    """Every field of a valid record, dropped or set to each edge and wrong value in turn:
+    the boundaries the random test above only samples, checked one by one."""
+    _, fields, decode, key_parts, _ = INPUT_KINDS[name]
+    disagreements = []
+    checked = 0
+    for base in BASES[name]:
+        for change, body in single_changes(base, [f[0] for f in fields]):
+            value = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            decoded = decode(matching_key(body, *key_parts), value)
+            schema_ok = VALIDATORS[name].is_valid(json.loads(value))
+            checked += 1
+            if isinstance(decoded, Rejection) == schema_ok:
+                disagreements.append(f"{change}: decode -> {decoded!r}, schema ok: {schema_ok}")
+    assert checked > 100
+    assert not disagreements, "\n".join(disagreements)
+
+
 @pytest.mark.parametrize("name, body", [
     ("tag_event", {"event_id": "e", "corp_id": "c", "external_userid": "u", "userid": "s",
                    "tag_id": "t", "op": "add", "ts": 1.0}),
@@ -247,24 +291,31 @@ def test_known_gap_integral_floats(name: str, body: dict):
 # --- (c) what tagstream writes validates ----------------------------------------------------
 
 POLICY = ReportingPolicy(default_action_types=dict(DEFAULT_ACTION_TYPES))
+T0 = 1_763_884_800_000
+DAY = 86_400_000
 STAFF = st.sampled_from(["zhangsan", "lisi", "wangwu"])
 TAG_IDS = ["t0", "t1", "t2", "t3"]
+# No ':' in corp ids here: the engine splits the customer key `corp_id:external_userid` at
+# its first ':' to rebuild corp_id and external_userid, so a corp id holding one comes back
+# wrong (reported separately; SPEC §2's key format cannot tell the two apart either).
+CORP_IDS = st.text(min_size=1, max_size=128).filter(lambda s: ":" not in s)
 
 
 @st.composite
 def customer_histories(draw):
-    """A corp's rules for a few tags, and one customer's contact and tag events."""
-    corp_id, external_userid = draw(IDENTIFIER), draw(IDENTIFIER)
+    """A corp's rules for a few tags, and one customer's contact and tag events over ~10 days
+    (so that ORDER windows, delayed holds, cancellations and missing identities all occur)."""
+    corp_id, external_userid = draw(CORP_IDS), draw(IDENTIFIER)
     rules = {}
     for tag_id in TAG_IDS:
-        standard_type = draw(st.none() | st.sampled_from(STANDARD_TYPES))
         rules[tag_id] = ReportingRule(
-            corp_id=corp_id, tag_id=tag_id, standard_type=standard_type, effective_from=0,
+            corp_id=corp_id, tag_id=tag_id,
+            standard_type=draw(st.none() | st.sampled_from(STANDARD_TYPES)), effective_from=0,
             version=draw(INTEGER), account_id=draw(INTEGER), user_action_set_id=draw(INTEGER),
             action_type=draw(st.none() | st.just("CUSTOM") | IDENTIFIER))
     events: list[Any] = []
-    for i in range(draw(st.integers(0, 8))):
-        ts = draw(EPOCH_MS)
+    for i in range(draw(st.integers(0, 10))):
+        ts = T0 + draw(st.integers(min_value=-DAY, max_value=10 * DAY))
         if draw(st.booleans()):
             events.append(ContactEvent(
                 event_id=f"c-{i}", corp_id=corp_id, external_userid=external_userid,
@@ -279,57 +330,36 @@ def customer_histories(draw):
     return rules, events
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(customer_histories(), st.integers(min_value=0, max_value=2**53))
-def test_reports_from_apply_event_validate(history, now_ms: int):
+def test_reports_from_the_engine_validate(history, now_ms: int):
     rules, events = history
-    state = CustomerState()
-    for item in events:
-        state, result = apply_event(state, item, lambda corp, tag, ts: rules.get(tag), POLICY, now_ms)
-        for report in (*result.reports, *result.unreportable):
-            event(f"{report.mode} {report.reason}")
-            VALIDATORS["conversion_report"].validate(report.as_wire())
-
-
-@settings(max_examples=200, deadline=None)
-@given(customer_histories(), st.sampled_from(MODES),
-       st.sampled_from([None, REASON_ORDER_AFTER_WINDOW, REASON_ADD_TIME_UNKNOWN,
-                        REASON_NO_USER_IDENTITY]),
-       st.integers(min_value=0, max_value=2**53))
-def test_every_built_report_validates(history, mode: str, reason, now_ms: int):
-    """build_report for every mapped rule, including the delayed types and reasons that
-    apply_event does not produce yet."""
-    rules, events = history
-    state = CustomerState()
-    tag = TagEvent(event_id="e", corp_id=next(iter(rules.values())).corp_id,
-                   external_userid="wmKx01", userid="zhangsan", tag_id="t0", op="add", ts=0)
-    for item in events:
-        if isinstance(item, ContactEvent):
-            state, _ = apply_event(state, item, lambda *_: None, POLICY, now_ms)
-        else:
-            tag = item
-    for rule in rules.values():
-        if rule.standard_type is None:
-            continue
-        report = build_report(state, tag, rule, POLICY, mode=mode, reason=reason, now_ms=now_ms)
+    reports, unreportable = run_log([(0, e) for e in events],
+                                    lambda corp, tag, ts: rules.get(tag), POLICY, now_ms)
+    for report in (*reports, *unreportable):
+        event(f"{report.standard_type} {report.mode} {report.reason}")
         VALIDATORS["conversion_report"].validate(report.as_wire())
 
 
 def sample_report(**changes: Any) -> dict:
-    state = CustomerState(identity={"wechat_app_id": "wx7d21", "wechat_unionid": "oU-3kd",
-                                    "click_id": "clk_81"})
+    """The SPEC §3.4 example, as the engine builds it."""
     rule = ReportingRule(corp_id="ww51a2", tag_id="etQ7x", standard_type="VALID", account_id=2001,
                          user_action_set_id=11001, effective_from=0, version=1)
+    contact = ContactEvent(event_id="c-77a0", corp_id="ww51a2", external_userid="wmKx01",
+                           userid="zhangsan", change_type="add_external_contact",
+                           ts=1763884700000, wechat_app_id="wx7d21", wechat_unionid="oU-3kd",
+                           click_id="clk_81")
     tag = TagEvent(event_id="e-9f1c", corp_id="ww51a2", external_userid="wmKx01",
                    userid="zhangsan", tag_id="etQ7x", op="add", ts=1763884800123)
-    report = build_report(state, tag, rule, POLICY, mode="realtime", reason=None,
-                          now_ms=1763884800410)
-    return {**report.as_wire(), **changes}
+    reports, _ = run_log([(0, contact), (0, tag)], lambda *_: rule, POLICY, 1763884800410)
+    assert len(reports) == 1
+    return {**reports[0].as_wire(), **changes}
 
 
 def test_report_schema_lists_exactly_the_wire_fields():
     schema = load_schema("conversion_report")
     wire = sample_report()
+    VALIDATORS["conversion_report"].validate(wire)
     assert set(schema["properties"]) == set(schema["required"]) == set(wire)
     assert set(wire) == {f for f in ConversionReport.__dataclass_fields__ if f != "tagging_delay_ms"}
 
@@ -345,6 +375,7 @@ def test_report_schema_lists_exactly_the_wire_fields():
     pytest.param({"action_type": "CUSTOM"}, id="CUSTOM without custom_action"),
     pytest.param({"reason": 3}, id="numeric reason"),
     pytest.param({"event_ts": -1}, id="negative event_ts"),
+    pytest.param({"account_id": None}, id="null account"),
     pytest.param({"tagging_delay_ms": 5}, id="field not on the wire"),
 ])
 def test_report_schema_rejects_malformed_reports(changes: dict):
