@@ -8,10 +8,10 @@ are applied in `ts` order (contacts first on ties). The stream runs without auto
 an event is acked only once it has been applied, so a buffered event is never committed
 past, and a crash or rebalance re-delivers it.
 
-State tables, all partitioned like the input topics:
-- `customers`     corp_id:external_userid -> CustomerState
-- `stream_clocks` partition               -> PartitionClock (stream time, hold-index range)
-- `hold_index`    partition:bucket        -> [(deadline, customer, type)] due in that minute
+State lives in one changelogged table, `reporting_state`, partitioned like the input topics:
+- `c:corp_id:external_userid` -> CustomerState
+- `k:partition`               -> PartitionClock (stream time, hold-index range)
+- `h:partition:bucket`        -> [(deadline, customer, type)] due in that minute
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 import weakref
-from typing import Iterator
+from typing import Iterator, Optional
 
 import orjson
 from faust.streams import _current_event  # the context Faust's tables read the partition from
@@ -39,35 +39,54 @@ def _now_ms() -> int:
 
 
 class TableStore:
-    """The engine's `StateStore`, backed by Faust tables (raw bytes, orjson inside)."""
+    """The engine's `StateStore` on one changelogged Faust table, with write-behind.
 
-    def __init__(self, customers, stream_clocks, hold_index):
-        self.customers = customers
-        self.stream_clocks = stream_clocks
-        self.hold_index = hold_index
+    Customer states, partition clocks and hold-index buckets share the `reporting_state`
+    table under prefixed keys, so all writes for partition N go to partition N of one
+    changelog topic, where Kafka keeps them in order: if a customer's state survived a
+    crash, the index entries written before it did too.
+
+    Writes are held in `pending` until `flush()`. The agent flushes only after the step's
+    reports are acknowledged by the broker, so the state can never say "reported" for a
+    report that was lost; a crash in between re-sends instead (duplicates on the topic,
+    removed by the sink's acknowledged-id record).
+    """
+
+    def __init__(self, table):
+        self.table = table
+        self.pending: dict[bytes, Optional[bytes]] = {}
+
+    def _get(self, key: bytes) -> Optional[bytes]:
+        if key in self.pending:
+            return self.pending[key]
+        return self.table.get(key)
+
+    def flush(self) -> None:
+        for key, value in self.pending.items():
+            if value is not None:
+                self.table[key] = value
+            elif key in self.table:
+                del self.table[key]
+        self.pending.clear()
 
     def customer(self, key: str) -> CustomerState:
-        return CustomerState.decode(self.customers.get(key.encode()))
+        return CustomerState.decode(self._get(b"c:" + key.encode()))
 
     def put_customer(self, key: str, state: CustomerState) -> None:
-        self.customers[key.encode()] = state.encode()
+        self.pending[b"c:" + key.encode()] = state.encode()
 
     def clock(self, partition: int) -> PartitionClock:
-        return PartitionClock.decode(self.stream_clocks.get(str(partition).encode()))
+        return PartitionClock.decode(self._get(b"k:%d" % partition))
 
     def put_clock(self, partition: int, clock: PartitionClock) -> None:
-        self.stream_clocks[str(partition).encode()] = clock.encode()
+        self.pending[b"k:%d" % partition] = clock.encode()
 
     def bucket(self, partition: int, bucket: int) -> list[HoldEntry]:
-        stored = self.hold_index.get(f"{partition}:{bucket}".encode())
+        stored = self._get(b"h:%d:%d" % (partition, bucket))
         return [tuple(e) for e in orjson.loads(stored)] if stored else []
 
     def put_bucket(self, partition: int, bucket: int, entries: list[HoldEntry]) -> None:
-        key = f"{partition}:{bucket}".encode()
-        if entries:
-            self.hold_index[key] = orjson.dumps(entries)
-        elif key in self.hold_index:
-            del self.hold_index[key]
+        self.pending[b"h:%d:%d" % (partition, bucket)] = orjson.dumps(entries) if entries else None
 
 
 class _Message:
@@ -94,6 +113,7 @@ class CustomerEvents:
                  conversion_reports, unreportable, dead_letters):
         self.app = app
         self.replica = replica
+        self.store = store
         self.engine = ReportingEngine(store, replica.book.rule_as_of, policy)
         self.tag_events_topic = tag_events_topic
         self.decoders = {tag_events_topic: decode_tag_event, contact_events_topic: decode_contact_event}
@@ -137,7 +157,7 @@ class CustomerEvents:
                 if self._idle(partition):
                     with self._applying(partition):
                         result = self.engine.on_idle(partition, wall, wall)
-                    await self._send(result, wall)
+                    await self._send_then_persist(partition, result, wall)
 
     async def on_partitions_revoked(self, revoked) -> None:
         async with self.lock:
@@ -167,21 +187,24 @@ class CustomerEvents:
             with self._applying(partition):
                 result = self.engine.on_event(partition, decoded, now_ms)
             metrics.EVENTS.labels(event.message.topic, result.outcome).inc()
-            await self._send(result, now_ms)
+            await self._send_then_persist(partition, result, now_ms)
             await self.stream.ack(event)
 
-    async def _send(self, result: StepResult, now_ms: int) -> None:
+    async def _send_then_persist(self, partition: int, result: StepResult, now_ms: int) -> None:
+        """Send the step's reports, wait until the broker has them, then write the state."""
+        deliveries = []
         for report in result.reports:
-            # force=True sends now instead of at the next commit (latency). Faust flushes the
-            # producer before committing offsets, so a report is on the broker before its
-            # event counts as processed.
-            await self.conversion_reports.send(
-                key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True)
+            deliveries.append(await self.conversion_reports.send(
+                key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True))
             metrics.observe_report(report, now_ms)
         for report in result.unreportable:
-            await self.unreportable.send(
-                key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True)
+            deliveries.append(await self.unreportable.send(
+                key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True))
             metrics.UNREPORTABLE.labels(report.standard_type, report.reason).inc()
+        if deliveries:
+            await asyncio.gather(*deliveries)
+        with self._applying(partition):
+            self.store.flush()
         if result.holds_delta:
             metrics.HELD_REPORTS.inc(result.holds_delta)
 

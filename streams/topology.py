@@ -4,7 +4,7 @@
                                                                     (every worker)
                                                                          │ rule_as_of(key, ts)
     tag-events ─────┐                                                    ▼
-                    ├─ merged by ts ─▶ apply_customer_events ◀──▶ [customers, stream_clocks, hold_index]
+                    ├─ merged by ts ─▶ apply_customer_events ◀──▶ [reporting_state]
     contact-events ─┘                        │
                                              ├──▶ conversion-reports
                                              ├──▶ unreportable
@@ -50,7 +50,7 @@ class Topology:
             f"  fold_rule_versions     {self.sources['tag_mappings']} -> rule_versions",
             f"  RuleReplica            rule_versions changelog (all partitions, no group) -> rule book",
             f"  apply_customer_events  {self.sources['tag_events']} + {self.sources['contact_events']}"
-            f" (merged by ts) -> customers, stream_clocks, hold_index,"
+            f" (merged by ts) -> reporting_state,"
             f" {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
         ]
         lines.append("sinks:")
@@ -75,6 +75,7 @@ def build_topology(settings: Settings) -> Topology:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger_ms=1,
+        processing_guarantee=s.processing_guarantee,
         web_enabled=False,            # metrics are served by prometheus_client instead
     )
 
@@ -87,9 +88,8 @@ def build_topology(settings: Settings) -> Topology:
 
     # -- state stores --------------------------------------------------------------------
     rule_versions = app.Table("rule_versions", partitions=s.partitions, key_type=bytes, value_type=bytes)
-    customers = app.Table("customers", partitions=s.partitions, key_type=bytes, value_type=bytes)
-    stream_clocks = app.Table("stream_clocks", partitions=s.partitions, key_type=bytes, value_type=bytes)
-    hold_index = app.Table("hold_index", partitions=s.partitions, key_type=bytes, value_type=bytes)
+    # customers, partition clocks and the hold index, under prefixed keys (agents/customers.py)
+    reporting_state = app.Table("reporting_state", partitions=s.partitions, key_type=bytes, value_type=bytes)
 
     # -- sinks ---------------------------------------------------------------------------
     conversion_reports = app.topic(names["conversion_reports"], **RAW)
@@ -102,7 +102,7 @@ def build_topology(settings: Settings) -> Topology:
     app.agent(tag_mappings, name="fold_rule_versions")(
         fold_rule_versions(rule_versions, dead_letters))
     per_customer = CustomerEvents(
-        app, store=TableStore(customers, stream_clocks, hold_index), replica=replica,
+        app, store=TableStore(reporting_state), replica=replica,
         policy=ReportingPolicy.from_settings(s),
         tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
         merge_wait_ms=s.merge_wait,
@@ -117,6 +117,5 @@ def build_topology(settings: Settings) -> Topology:
     return Topology(
         app=app, settings=s, replica=replica,
         sources={k: names[k] for k in ("tag_mappings", "tag_events", "contact_events")},
-        tables={"rule_versions": rule_versions, "customers": customers,
-                "stream_clocks": stream_clocks, "hold_index": hold_index},
+        tables={"rule_versions": rule_versions, "reporting_state": reporting_state},
         sinks={k: names[k] for k in ("conversion_reports", "unreportable", "dead_letters")})

@@ -559,6 +559,23 @@ def test_hold_survives_while_any_supporting_tag_remains():
     assert run(RULES, both_removed) == ([], [])
 
 
+def test_a_remove_cuts_its_tag_from_every_hold_of_the_customer():
+    rules = RULES + [
+        rule("t_flip", "INVALID", effective_from=T0 - DAY, version=1),
+        rule("t_flip", "LONG_TERM", effective_from=T0 + MIN, version=2),
+    ]
+    events = [
+        contact("c1", "wmA", T0, **WECHAT),
+        add("e1", "wmA", "t_flip", T0),               # INVALID hold
+        add("e2", "wmA", "t_invalid", T0 + MIN),      # INVALID also supported by t_invalid
+        add("e3", "wmA", "t_flip", T0 + 2 * MIN),     # LONG_TERM hold, same tag
+        remove("e4", "wmA", "t_flip", T0 + 3 * MIN),  # cancels LONG_TERM, INVALID survives
+    ]
+    reports, _ = run(rules, events)
+    assert brief(reports) == [("wmA", "INVALID", "delayed", None, "e1", T0)]
+    assert reports[0]["tag_id"] == "t_flip"
+
+
 def test_remove_at_or_after_the_deadline_is_too_late():
     for when in (T0 + HOLD, T0 + HOLD + 1, T0 + DAY):
         events = [

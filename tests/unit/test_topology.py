@@ -16,5 +16,5 @@ def test_describe_names_the_whole_flow(tmp_path):
     text = build_topology(Settings.load(overrides={"data_dir": str(tmp_path)}, environ={})).describe()
     for name in ("tagstream.tag-events", "tagstream.contact-events", "tagstream.tag-mappings",
                  "tagstream.conversion-reports", "tagstream.unreportable", "tagstream.dead-letters",
-                 "rule_versions", "customers", "RuleReplica"):
+                 "rule_versions", "reporting_state", "RuleReplica"):
         assert name in text
