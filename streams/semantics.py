@@ -329,9 +329,9 @@ class ReportingEngine:
 
     # holds ----------------------------------------------------------------------------
     def _index(self, partition: int, clock: PartitionClock, entry: HoldEntry) -> None:
+        # A late event can index a hold that is already due; lowering low_bucket makes the
+        # next release (at the partition's next event) find it.
         bucket = entry[0] // HOLD_BUCKET_MS
-        if clock.low_bucket is not None and bucket < clock.low_bucket:
-            bucket = clock.low_bucket      # already due: the next release looks here first
         entries = self.store.bucket(partition, bucket)
         entries.append(entry)
         self.store.put_bucket(partition, bucket, entries)

@@ -267,3 +267,14 @@ def test_ids_containing_colons_keep_their_identity_in_reports():
     (report,) = engine.flush(0, NOW).reports
     assert (report.corp_id, report.external_userid) == ("ww:1", "wm:2")
     assert report.outer_action_id == hashlib.sha256(b"ww:1|wm:2|LONG_TERM").hexdigest()
+
+
+def test_a_late_add_whose_hold_is_already_due_is_released_at_the_next_event():
+    """Found by the core-vs-model property: a hold indexed below the partition's scan range."""
+    s = Scenario(book(("lt", "LONG_TERM"), ("lt0", "LONG_TERM")))
+    s.send(contact(customer="a", click_id="k"), tag("lt0", T0 + HOUR, customer="a"),
+           tag("lt0", T0 + HOUR, customer="a", op="remove"))          # leaves an index entry at T0+1.5h
+    s.send(contact(customer="b", ts=T0 - MIN, click_id="k2"), tag("lt", T0, customer="b"))  # due at T0+30m < stream time
+    assert s.reports == []
+    s.send(tag("lt", T0, customer="b", op="remove"))                   # too late: released first
+    assert [(r.external_userid, r.standard_type, r.mode) for r in s.reports] == [("b", "LONG_TERM", "delayed")]
