@@ -12,6 +12,12 @@ State lives in one changelogged table, `reporting_state`, partitioned like the i
 - `c:corp_id:external_userid` -> CustomerState
 - `k:partition`               -> PartitionClock (stream time, hold-index range)
 - `h:partition:bucket`        -> [(deadline, customer, type)] due in that minute
+- `o:topic:partition`         -> offset of the last input record applied
+
+The last one makes application exactly-once per input record: it is written after the state
+it covers (same changelog partition, so Kafka keeps the order), and a record at or below it
+is skipped when Kafka re-delivers it after a crash. Event-id dedupe (SPEC rule 1) then only
+has to catch real duplicates from upstream, and its horizon never matters for redeliveries.
 """
 from __future__ import annotations
 
@@ -60,6 +66,15 @@ class TableStore:
         if key in self.pending:
             return self.pending[key]
         return self.table.get(key)
+
+    def applied_offset(self, tp: TP) -> Optional[int]:
+        stored = self._get(b"o:%s:%d" % (tp.topic.encode(), tp.partition))
+        return int(stored) if stored is not None else None
+
+    def mark_applied(self, tp: TP, offset: int) -> None:
+        key = b"o:%s:%d" % (tp.topic.encode(), tp.partition)
+        self.pending.pop(key, None)          # re-insert: written after everything it covers
+        self.pending[key] = b"%d" % offset
 
     def flush(self) -> None:
         for key, value in self.pending.items():
@@ -123,6 +138,7 @@ class CustomerEvents:
         self.unreportable = unreportable
         self.dead_letters = dead_letters
         self.seen: dict[TP, int] = {}       # last offset received per input partition
+        self.applied: dict[TP, Optional[int]] = {}  # last offset applied, from the state table
         self.contexts: dict[int, _PartitionContext] = {}
         self.lock = asyncio.Lock()          # the agent and the timer take turns
         self.stream = None
@@ -136,6 +152,10 @@ class CustomerEvents:
             message = event.message
             async with self.lock:
                 self.seen[message.tp] = message.offset
+                if self._already_applied(message.tp, message.offset):
+                    metrics.EVENTS.labels(message.topic, "redelivered").inc()
+                    await self.stream.ack(event)
+                    continue
                 decoded = self.decoders[message.topic](message.key, message.value)
                 if isinstance(decoded, Rejection):
                     await park(self.dead_letters, message, decoded)
@@ -163,6 +183,7 @@ class CustomerEvents:
         async with self.lock:
             for tp in revoked:
                 self.seen.pop(tp, None)
+                self.applied.pop(tp, None)
                 self.merge.forget(tp.partition)
 
     # -- internals -----------------------------------------------------------------------
@@ -180,12 +201,17 @@ class CustomerEvents:
             _current_event.reset(token)
 
     async def _release(self, partition: int) -> None:
-        def caught_up(source: str) -> bool:
+        def caught_up(source: str) -> Optional[bool]:
             return self._caught_up(TP(source, partition))
-        for event, decoded in list(self.merge.release(partition, caught_up, _now_ms())):
+        released = list(self.merge.release(partition, caught_up, _now_ms()))
+        for cause, count in self.merge.forced.items():
+            metrics.MERGE_FORCED.labels(cause).set(count)
+        for event, decoded in released:
             now_ms = _now_ms()
             with self._applying(partition):
                 result = self.engine.on_event(partition, decoded, now_ms)
+                self.store.mark_applied(event.message.tp, event.message.offset)
+            self.applied[event.message.tp] = event.message.offset
             metrics.EVENTS.labels(event.message.topic, result.outcome).inc()
             await self._send_then_persist(partition, result, now_ms)
             await self.stream.ack(event)
@@ -208,6 +234,14 @@ class CustomerEvents:
         if result.holds_delta:
             metrics.HELD_REPORTS.inc(result.holds_delta)
 
+    def _already_applied(self, tp: TP, offset: int) -> bool:
+        """Re-delivered after a crash: the state already covers this record."""
+        if tp not in self.applied:
+            with self._applying(tp.partition):
+                self.applied[tp] = self.store.applied_offset(tp)
+        applied = self.applied[tp]
+        return applied is not None and offset <= applied
+
     def _assigned_partitions(self) -> list[int]:
         return sorted(tp.partition for tp in self.app.consumer.assignment()
                       if tp.topic == self.tag_events_topic)
@@ -216,18 +250,21 @@ class CustomerEvents:
         """No event of this partition is waiting or still unread on either topic."""
         if partition in self.merge.waiting_partitions():
             return False
-        return all(self._caught_up(TP(source, partition)) for source in self.merge.sources)
+        return all(self._caught_up(TP(source, partition)) is True for source in self.merge.sources)
 
-    def _caught_up(self, tp: TP) -> bool:
-        """True if this worker has received every record of `tp` up to its log end."""
+    def _caught_up(self, tp: TP) -> Optional[bool]:
+        """Has this worker received every record of `tp` up to its log end? True, False
+        (records are known to be waiting), or None (cannot tell yet)."""
         consumer = self.app.consumer
         log_end = consumer.highwater(tp)
         if log_end is None:
-            return False
+            return None                     # not fetched yet
         seen = self.seen.get(tp)
         if seen is None:
-            # Nothing received since assignment: we start at the committed offset (Faust
-            # records it when it seeks after an assignment), or at 0 for a new group.
+            # Nothing received since assignment: we start at the committed offset, which
+            # Faust records when it seeks after an assignment.
             committed = consumer._committed_offset.get(tp)  # noqa: SLF001
-            seen = (committed or 0) - 1
+            if committed is None:
+                return True if log_end == 0 else None
+            seen = committed - 1
         return seen + 1 >= log_end

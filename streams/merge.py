@@ -9,9 +9,12 @@ first wins (contacts before tags: an identity recorded at the same millisecond a
 counts for it). Each topic's own offset order is never changed.
 
 A head is released when every other source of its partition either has a later head
-buffered or has nothing more to deliver (is caught up with its log end). When neither is
-known, the head waits at most `max_wait_ms` of wall-clock time: the same trade-off as
-Kafka Streams' `max.task.idle.ms`.
+buffered or has nothing more to deliver (is caught up with its log end). `caught_up`
+answers True, False (records are known to be waiting: keep waiting, however long the
+worker is busy elsewhere) or None (unknown, e.g. before the first fetch): only then does
+the head wait at most `max_wait_ms` of wall-clock time, the trade-off of Kafka Streams'
+`max.task.idle.ms`. A partition buffering more than `max_buffered` events is drained
+regardless, so a stalled topic cannot exhaust memory.
 
 Plain Python: no Faust, no Kafka. The agent supplies `caught_up(source)` and the clock.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Hashable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, Optional, TypeVar
 
 Item = TypeVar("Item")
 
@@ -46,9 +49,10 @@ class PartitionMerge(Generic[Item]):
     def __len__(self) -> int:
         return sum(len(b) for b in self.buffers.values())
 
-    def release(self, caught_up: Callable[[Hashable], bool], now_ms: int,
-                max_wait_ms: int, max_buffered: int) -> Iterator[Item]:
-        """Yield the items that may be applied now, in merge order."""
+    def release(self, caught_up: Callable[[Hashable], Optional[bool]], now_ms: int,
+                max_wait_ms: int, max_buffered: int, forced: dict) -> Iterator[Item]:
+        """Yield the items that may be applied now, in merge order. Heads released before
+        the other topic is known to be caught up are counted in `forced`, by cause."""
         while True:
             heads = [(b[0].ts, rank, source) for rank, (source, b) in
                      enumerate(self.buffers.items()) if b]
@@ -58,11 +62,14 @@ class PartitionMerge(Generic[Item]):
             if len(heads) < len(self.sources):
                 waiting_on = [s for s, b in self.buffers.items() if not b]
                 head = self.buffers[source][0]
-                may_go = (all(caught_up(s) for s in waiting_on)
-                          or now_ms - head.arrived_ms >= max_wait_ms
-                          or len(self) > max_buffered)
-                if not may_go:
-                    return
+                states = [caught_up(s) for s in waiting_on]
+                if not all(states):
+                    if len(self) > max_buffered:
+                        forced["max_buffered"] += 1
+                    elif None in states and False not in states and now_ms - head.arrived_ms >= max_wait_ms:
+                        forced["max_wait"] += 1
+                    else:
+                        return
             yield self.buffers[source].popleft().item
 
 
@@ -74,6 +81,7 @@ class CoPartitionMerge(Generic[Item]):
         self.max_wait_ms = max_wait_ms
         self.max_buffered = max_buffered
         self.partitions: dict[int, PartitionMerge[Item]] = {}
+        self.forced = {"max_wait": 0, "max_buffered": 0}
 
     def offer(self, partition: int, source: Hashable, ts: int, item: Item, now_ms: int) -> None:
         merge = self.partitions.get(partition)
@@ -81,10 +89,10 @@ class CoPartitionMerge(Generic[Item]):
             merge = self.partitions[partition] = PartitionMerge(self.sources)
         merge.offer(source, ts, item, now_ms)
 
-    def release(self, partition: int, caught_up: Callable[[Hashable], bool], now_ms: int) -> Iterator[Item]:
+    def release(self, partition: int, caught_up: Callable[[Hashable], Optional[bool]], now_ms: int) -> Iterator[Item]:
         merge = self.partitions.get(partition)
         if merge is not None:
-            yield from merge.release(caught_up, now_ms, self.max_wait_ms, self.max_buffered)
+            yield from merge.release(caught_up, now_ms, self.max_wait_ms, self.max_buffered, self.forced)
 
     def waiting_partitions(self) -> list[int]:
         return [p for p, merge in self.partitions.items() if len(merge)]

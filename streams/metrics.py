@@ -35,6 +35,10 @@ TAGGING_DELAY = Histogram(
     "Event time of the tag minus the customer's add time, per reported standard type",
     ["standard_type"],
     buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400))
+MERGE_FORCED = Gauge(
+    "tagstream_merge_forced_releases",
+    "Events applied before the other event topic was known to be caught up (possibly out of ts order), by cause",
+    ["cause"])
 HELD_REPORTS = Gauge(
     "tagstream_held_reports",
     "Delayed reports (LONG_TERM, INVALID) waiting for their deadline; counts this process's changes")

@@ -73,6 +73,7 @@ class Settings:
     action_type_invalid: str = _setting(DEFAULT_ACTION_TYPES["INVALID"], "default action type for INVALID")
     # worker runtime
     processing_guarantee: str = _setting("at_least_once", "Faust processing guarantee; see README for why exactly_once is not used")
+    session_timeout: int = _duration(10 * SECOND, "consumer-group session timeout: how soon a crashed worker's partitions move")
     merge_wait: int = _duration(500, "how long an event may wait for the other event topic's partition before it is applied out of ts order")
     data_dir: str = _setting(".state/worker", "where the worker keeps its RocksDB tables")
     metrics_port: int = _setting(9464, "port of the Prometheus /metrics endpoint (0: none)")

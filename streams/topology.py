@@ -76,6 +76,10 @@ def build_topology(settings: Settings) -> Topology:
         producer_acks=-1,
         producer_linger_ms=1,
         processing_guarantee=s.processing_guarantee,
+        # A crashed worker's partitions are reassigned once its session expires; Faust's
+        # 60 s default would stall processing for a minute after every crash.
+        broker_session_timeout=s.session_timeout / 1000,
+        broker_heartbeat_interval=max(s.session_timeout / 3000, 0.5),
         web_enabled=False,            # metrics are served by prometheus_client instead
     )
 

@@ -38,11 +38,19 @@ def test_each_topic_keeps_its_own_offset_order_even_if_ts_goes_back():
     assert list(m.release(0, lambda s: True, now_ms=0)) == ["tag@50", "tag@10"]
 
 
-def test_a_head_waits_at_most_max_wait():
+def test_a_head_waits_at_most_max_wait_when_the_other_topic_is_unknown():
     m = merge(max_wait_ms=500)
     m.offer(0, TAGS, 20, "tag@20", now_ms=1000)
-    assert list(m.release(0, lambda s: False, now_ms=1499)) == []
-    assert list(m.release(0, lambda s: False, now_ms=1500)) == ["tag@20"]
+    assert list(m.release(0, lambda s: None, now_ms=1499)) == []
+    assert list(m.release(0, lambda s: None, now_ms=1500)) == ["tag@20"]
+    assert m.forced == {"max_wait": 1, "max_buffered": 0}
+
+
+def test_a_head_waits_for_records_known_to_be_on_their_way_however_long():
+    m = merge(max_wait_ms=500)
+    m.offer(0, TAGS, 20, "tag@20", now_ms=1000)
+    assert list(m.release(0, lambda s: False, now_ms=60_000)) == []
+    assert m.forced == {"max_wait": 0, "max_buffered": 0}
 
 
 def test_a_full_buffer_is_drained():
@@ -50,6 +58,7 @@ def test_a_full_buffer_is_drained():
     for ts in (1, 2, 3):
         m.offer(0, TAGS, ts, f"tag@{ts}", now_ms=0)
     assert list(m.release(0, lambda s: False, now_ms=0)) == ["tag@1"]
+    assert m.forced == {"max_wait": 0, "max_buffered": 1}
 
 
 def test_partitions_are_independent_and_forgettable():
