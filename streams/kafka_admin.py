@@ -17,6 +17,11 @@ TOPIC_SETTINGS = (
     "conversion_reports_topic", "unreportable_topic", "dead_letters_topic",
     "report_failures_topic")
 COMPACTED = {"tag_mappings_topic"}
+#: Faust's table changelogs (`{app_id}-{table}-changelog`). Created here, before the worker
+#: starts, because a changelog Faust creates itself on a fresh broker can be missing from
+#: its consumer's metadata at the first table write, which crashes the agent with
+#: PartitionsMismatch ("... has 0 partitions").
+CHANGELOG_TABLES = ("rule_versions", "reporting_state")
 
 
 async def ensure_topics(settings: Settings) -> list[str]:
@@ -33,6 +38,10 @@ async def ensure_topics(settings: Settings) -> list[str]:
                 continue
             configs = {"cleanup.policy": "compact"} if name in COMPACTED else {}
             wanted.append(NewTopic(topic, settings.partitions, 1, topic_configs=configs))
+        for table in CHANGELOG_TABLES:
+            topic = f"{settings.app_id}-{table}-changelog"
+            if topic not in existing:
+                wanted.append(NewTopic(topic, settings.partitions, 1, topic_configs={"cleanup.policy": "compact"}))
         created = []
         for new_topic in wanted:
             try:
