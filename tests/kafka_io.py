@@ -61,6 +61,3 @@ def read_topic(topic: str, partitions: int, until: Callable[[list], bool] = lamb
             await consumer.stop()
     return asyncio.run(run())
 
-
-def values(records: list) -> list[dict]:
-    return [orjson.loads(r.value) for r in records]
