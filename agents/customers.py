@@ -14,15 +14,26 @@ State lives in one changelogged table, `reporting_state`, partitioned like the i
 - `h:partition:bucket`        -> [(deadline, customer, type)] due in that minute
 - `o:topic:partition`         -> offset of the last input record applied
 
-The last one makes application exactly-once per input record: it is written after the state
-it covers (same changelog partition, so Kafka keeps the order), and a record at or below it
-is skipped when Kafka re-delivers it after a crash. Event-id dedupe (SPEC rule 1) then only
-has to catch real duplicates from upstream, and its horizon never matters for redeliveries.
+- `j:partition`               -> the journal of the last step: every write it made
+
+The `o:` marker makes application exactly-once per input record: it is written after the
+state it covers (same changelog partition, so Kafka keeps the order), and a record at or
+below it is skipped when Kafka re-delivers it after a crash. Event-id dedupe (SPEC rule 1)
+then only has to catch real duplicates from upstream, and its horizon never matters for
+redeliveries.
+
+The `j:` journal makes each step atomic. A step writes several keys (clock, hold-index
+buckets, one or more customers, the marker), and a crash can cut the changelog anywhere in
+between: the index emptied but the customer still holding, say. So a step first writes one
+record holding all its writes, then the writes themselves. The changelog then always ends
+in "all of step k, the journal of step k+1, a prefix of step k+1's writes", and replaying
+the journal when a partition is taken over completes step k+1. Replaying is idempotent.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import weakref
 from typing import Iterator, Optional
@@ -38,6 +49,9 @@ from streams import metrics
 from streams.merge import CoPartitionMerge
 from streams.semantics import (
     CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, StepResult)
+
+
+log = logging.getLogger(__name__)
 
 
 def _now_ms() -> int:
@@ -76,13 +90,34 @@ class TableStore:
         self.pending.pop(key, None)          # re-insert: written after everything it covers
         self.pending[key] = b"%d" % offset
 
-    def flush(self) -> None:
-        for key, value in self.pending.items():
-            if value is not None:
-                self.table[key] = value
-            elif key in self.table:
-                del self.table[key]
+    def flush(self, partition: int) -> None:
+        """Write the pending step to the table: its journal first, then its writes."""
+        if not self.pending:
+            return
+        self.table[b"j:%d" % partition] = orjson.dumps(
+            [[key.decode(), None if value is None else value.decode()]
+             for key, value in self.pending.items()])
+        self._write(self.pending.items())
         self.pending.clear()
+
+    def replay_journal(self, partition: int) -> int:
+        """Complete the last step of `partition` a crash may have cut short (see module
+        docstring). Returns how many writes were replayed."""
+        journal = self.table.get(b"j:%d" % partition)
+        if journal is None:
+            return 0
+        writes = [(key.encode(), None if value is None else value.encode())
+                  for key, value in orjson.loads(journal)]
+        self._write(writes)
+        return len(writes)
+
+    def _write(self, writes) -> None:
+        table = self.table
+        for key, value in writes:
+            if value is not None:
+                table[key] = value
+            elif key in table:
+                del table[key]
 
     def customer(self, key: str) -> CustomerState:
         return CustomerState.decode(self._get(b"c:" + key.encode()))
@@ -140,15 +175,17 @@ class CustomerEvents:
         self.seen: dict[TP, int] = {}       # last offset received per input partition
         self.applied: dict[TP, Optional[int]] = {}  # last offset applied, from the state table
         self.contexts: dict[int, _PartitionContext] = {}
+        self.journal_replayed: set[int] = set()  # partitions whose journal was replayed since assignment
         self.lock = asyncio.Lock()          # the agent and the timer take turns
         self.stream = None
 
     # -- Faust entry points --------------------------------------------------------------
     async def agent(self, stream) -> None:
-        # Rules must be loaded before the first lookup, or early events would look unmapped.
-        await self.replica.ready.wait()
         self.stream = stream.noack()
         async for event in self.stream.events():
+            if not self.replica.ready.is_set():
+                # Rules must be loaded before the first lookup, or early events would look unmapped.
+                await self.replica.ready.wait()
             message = event.message
             async with self.lock:
                 self.seen[message.tp] = message.offset
@@ -185,6 +222,7 @@ class CustomerEvents:
                 self.seen.pop(tp, None)
                 self.applied.pop(tp, None)
                 self.merge.forget(tp.partition)
+                self.journal_replayed.discard(tp.partition)
 
     # -- internals -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -196,6 +234,11 @@ class CustomerEvents:
             context = self.contexts[partition] = _PartitionContext(self.tag_events_topic, partition)
         token = _current_event.set(weakref.ref(context))
         try:
+            if partition not in self.journal_replayed:
+                replayed = self.store.replay_journal(partition)
+                self.journal_replayed.add(partition)
+                if replayed:
+                    log.info("partition %d: replayed %d writes of the last step's journal", partition, replayed)
             yield
         finally:
             _current_event.reset(token)
@@ -230,7 +273,7 @@ class CustomerEvents:
         if deliveries:
             await asyncio.gather(*deliveries)
         with self._applying(partition):
-            self.store.flush()
+            self.store.flush(partition)
         if result.holds_delta:
             metrics.HELD_REPORTS.inc(result.holds_delta)
 

@@ -117,13 +117,21 @@ def cmd_worker(args, settings: Settings) -> int:
         pass
     from streams import metrics
     from streams.kafka_admin import ensure_topics
+    from streams.local_state import mark_clean, open_local_state
     from streams.topology import build_topology
 
     asyncio.run(ensure_topics(settings))
+    _logging(settings)
+    open_local_state(settings.data_dir)
     metrics.serve(settings.metrics_port)
     topology = build_topology(settings)
     worker = faust.Worker(topology.app, loglevel=settings.log_level, quiet=True)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            mark_clean(settings.data_dir)
+        raise
     return 0
 
 

@@ -244,8 +244,10 @@ class ReportingEngine:
         time, so an idle partition still flushes. Stream time does not move."""
         result = StepResult()
         clock = self.store.clock(partition)
+        before = replace(clock)
         self._release_due(partition, clock, wall_ms - self.policy.idle_grace, result, now_ms)
-        self.store.put_clock(partition, clock)
+        if clock != before:              # an idle partition writes nothing
+            self.store.put_clock(partition, clock)
         return result
 
     def flush(self, partition: int, now_ms: int) -> StepResult:

@@ -23,6 +23,7 @@ import faust
 
 from agents.customers import CustomerEvents, TableStore
 from agents.rules import RuleReplica, fold_rule_versions
+from streams import faust_consumer
 from streams.semantics import ReportingPolicy
 from streams.settings import Settings
 
@@ -82,6 +83,7 @@ def build_topology(settings: Settings) -> Topology:
         broker_heartbeat_interval=max(s.session_timeout / 3000, 0.5),
         web_enabled=False,            # metrics are served by prometheus_client instead
     )
+    faust_consumer.install(app)       # records fetched during recovery are never skipped
 
     # -- sources -------------------------------------------------------------------------
     names = {key: s.topic(key + "_topic") for key in (

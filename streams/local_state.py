@@ -1,0 +1,42 @@
+"""The worker's local RocksDB state, trusted only after a clean shutdown.
+
+Faust writes a table update to local RocksDB at once and to the changelog topic later,
+through its producer buffer. A worker killed with SIGKILL (or by the OOM killer, or a
+power cut) therefore leaves local state *ahead* of the changelog: writes that no other
+worker will ever see, mixed with older ones restored from the changelog on restart. Kafka
+Streams solves this with its `.checkpoint` file, which exists only after a clean close;
+tagstream does the same: a `CLEAN` marker is written when the worker exits cleanly and
+removed when it starts. A start without the marker wipes the local tables, and Faust
+restores them from the changelog, the one source of truth.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MARKER = "CLEAN"
+
+
+def open_local_state(data_dir: str) -> bool:
+    """Prepare `data_dir` for a worker start. Returns True if local state was wiped."""
+    root = Path(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / MARKER
+    tables = [p for p in root.iterdir() if p.name != MARKER]
+    wiped = False
+    if tables and not marker.exists():
+        log.warning("local state in %s was not closed cleanly: wiping it; tables are restored "
+                    "from their changelog topics", root)
+        for path in tables:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        wiped = True
+    marker.unlink(missing_ok=True)
+    return wiped
+
+
+def mark_clean(data_dir: str) -> None:
+    """Call after the worker stopped cleanly (producer flushed, stores closed)."""
+    (Path(data_dir) / MARKER).touch()
