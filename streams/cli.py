@@ -2,7 +2,7 @@
 
     tagstream run       the whole demo on the local broker: worker, sink, generated load
     tagstream worker    the Faust agents (SPEC §4)
-    tagstream sink      deliver reports to a target (file:PATH or stdout)
+    tagstream sink      deliver reports to the Marketing API (--target api), a file or stdout
     tagstream load      produce sample rules and a generated event stream
     tagstream topics    create the topics if missing
     tagstream lag       consumer lag of the worker, per topic and partition
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=description or help_text, epilog=EPILOG)
+        p = sub.add_parser(name, help=help_text, description=description or help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _settings_flags(p)
         return p
 
@@ -60,9 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("worker", "run the Faust agents (tag and contact events -> reports)")
 
     p = command("sink", "deliver reports from the outbound topic to a target",
-                "Consume the conversion-reports topic and write every report to the target. "
-                "Example: tagstream sink --target file:reports.ndjson")
-    p.add_argument("--target", required=True, help="file:PATH (NDJSON) or stdout")
+                "Consume the conversion-reports topic and deliver every report to the target: the "
+                "Marketing API user_actions/add (once per outer_action_id, retried, rate limited), "
+                "or an NDJSON file or stdout. Examples:\n"
+                "  TAGSTREAM_MARKETING_API_BASE=https://api.e.qq.com TAGSTREAM_ACCESS_TOKEN_FILE=token "
+                "tagstream sink --target api\n"
+                "  tagstream sink --target file:reports.ndjson")
+    p.add_argument("--target", required=True, help="api (the Marketing API), file:PATH (NDJSON) or stdout")
 
     p = command("load", "produce sample reporting rules and a generated event stream",
                 "Produce the sample rules, then N generated events. Example: tagstream load --events 10000")
@@ -136,19 +141,30 @@ def cmd_worker(args, settings: Settings) -> int:
 
 
 def cmd_sink(args, settings: Settings) -> int:
-    from streams.sink import open_target, run_file_sink
-    open_target(args.target).close() if args.target != "stdout" else None  # bad target: fail now
+    from streams.sink import open_target, run_api_sink, run_file_sink
+    from streams.kafka_admin import ensure_topics
+    if args.target != "api":
+        open_target(args.target).close() if args.target != "stdout" else None  # bad target: fail now
     _logging(settings)
 
-    async def run() -> int:
+    async def run():
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if args.target == "api":
+            from streams import metrics
+            await ensure_topics(settings)
+            metrics.serve(settings.sink_metrics_port)
+            return await run_api_sink(settings, stop)
         return await run_file_sink(settings, args.target, stop)
 
-    written = asyncio.run(run())
-    print(f"tagstream sink: wrote {written} reports to {args.target}", file=sys.stderr)
+    outcome = asyncio.run(run())
+    if isinstance(outcome, dict):
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(outcome.items())) or "nothing to deliver"
+        print(f"tagstream sink: {summary}", file=sys.stderr)
+    else:
+        print(f"tagstream sink: wrote {outcome} reports to {args.target}", file=sys.stderr)
     return 0
 
 

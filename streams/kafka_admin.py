@@ -15,8 +15,8 @@ from streams.settings import ConfigError, Settings
 TOPIC_SETTINGS = (
     "tag_events_topic", "contact_events_topic", "tag_mappings_topic",
     "conversion_reports_topic", "unreportable_topic", "dead_letters_topic",
-    "report_failures_topic")
-COMPACTED = {"tag_mappings_topic"}
+    "report_failures_topic", "delivered_reports_topic")
+COMPACTED = {"tag_mappings_topic", "delivered_reports_topic"}
 #: Faust's table changelogs (`{app_id}-{table}-changelog`). Created here, before the worker
 #: starts, because a changelog Faust creates itself on a fresh broker can be missing from
 #: its consumer's metadata at the first table write, which crashes the agent with

@@ -49,6 +49,38 @@ EVENT_TO_REPORT = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
 
+# -- the reporting sink (SPEC §5) ---------------------------------------------------------
+SINK_REQUESTS = Counter(
+    "tagstream_sink_requests_total",
+    "Marketing API requests by outcome (delivered, retry, reload_token, permanent)",
+    ["outcome"])
+SINK_RETRIES = Counter(
+    "tagstream_sink_retries_total",
+    "Requests sent again, by reason (http_5xx, http_429, timeout, api_code, token)",
+    ["reason"])
+SINK_REPORTS = Counter(
+    "tagstream_sink_reports_total",
+    "Reports read by the sink, by outcome (delivered, already_delivered, failed, in_doubt_resent)",
+    ["outcome"])
+SINK_BATCH_ACTIONS = Histogram(
+    "tagstream_sink_batch_actions",
+    "Actions per Marketing API request",
+    buckets=(1, 2, 5, 10, 20, 30, 40, 50))
+SINK_REQUEST_SECONDS = Histogram(
+    "tagstream_sink_request_duration_seconds",
+    "Marketing API request latency, including the rate limiter's wait",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SINK_IN_FLIGHT = Gauge(
+    "tagstream_sink_requests_in_flight",
+    "Marketing API requests waiting for an answer")
+SINK_OLDEST_UNACKED = Gauge(
+    "tagstream_sink_oldest_unacknowledged_report_age_seconds",
+    "Age (since its record was written) of the oldest report read but not yet acknowledged or failed")
+SINK_DELIVERED_IDS = Gauge(
+    "tagstream_sink_delivered_ids",
+    "Acknowledged outer_action_ids held in memory for the sink's assigned partitions")
+
+
 def observe_report(report, now_ms: int) -> None:
     """Count one emitted report, its freshness and its tagging delay."""
     REPORTS.labels(report.standard_type, report.mode).inc()
