@@ -108,6 +108,7 @@ class DeliveredRecord(ConsumerRebalanceListener):
         self.producer = producer
         self.acked: dict[int, set[str]] = {}
         self.in_doubt: dict[int, set[str]] = {}
+        self.loading = asyncio.Lock()
 
     async def on_partitions_revoked(self, revoked) -> None:
         for tp in revoked:
@@ -116,9 +117,17 @@ class DeliveredRecord(ConsumerRebalanceListener):
         self._gauge()
 
     async def on_partitions_assigned(self, assigned) -> None:
-        await self.load([tp.partition for tp in assigned])
+        await self.ensure_loaded({tp.partition for tp in assigned})
 
-    async def load(self, partitions: list[int]) -> None:
+    async def ensure_loaded(self, partitions) -> None:
+        """Load the partitions not loaded yet. aiokafka may hand out records of a new
+        assignment while this listener is still loading, so the sink calls this too."""
+        async with self.loading:
+            missing = sorted(p for p in partitions if p not in self.acked)
+            if missing:
+                await self._load(missing)
+
+    async def _load(self, partitions: list[int]) -> None:
         """Read the record's partitions from the start to their current end."""
         reader = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,
                                   enable_auto_commit=False, isolation_level="read_committed")
@@ -204,6 +213,7 @@ class ApiSink:
     async def deliver_round(self, batches: dict) -> None:
         oldest = min(r.timestamp for records in batches.values() for r in records)
         metrics.SINK_OLDEST_UNACKED.set(max(0.0, time.time() - oldest / 1000))
+        await self.record.ensure_loaded({tp.partition for tp in batches})
         todo: list[tuple[int, dict]] = []
         seen: set[str] = set()
         for tp, records in batches.items():

@@ -36,10 +36,9 @@ from typing import Optional
 import orjson
 from aiohttp import web
 
-MAX_ACTIONS = 50
-MAX_BODY_BYTES = 50 * 1024
+from streams.marketing_api import MAX_ACTIONS, MAX_BODY_BYTES, RETRYABLE_CODES
+
 TIMESTAMP_SKEW_S = 300
-RETRYABLE_CODES = (10000, 10001, 11008, 11016, 11017, 11018, 11019)
 PERMANENT_USER_ERROR = 31001
 
 
@@ -137,7 +136,7 @@ class MarketingApiServer:
     def _retryable_answer(self) -> web.Response:
         kind = self.random.choice(("code", "code", "http_500", "http_503", "http_429"))
         if kind == "code":
-            return self._answer(self.random.choice(RETRYABLE_CODES), "system busy, try again")
+            return self._answer(self.random.choice(sorted(RETRYABLE_CODES)), "system busy, try again")
         status = int(kind.split("_")[1])
         self.answers[kind] += 1
         return web.Response(status=status, text="temporarily unavailable")
