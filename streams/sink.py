@@ -255,11 +255,13 @@ class ApiSink:
             result.delivered += [(partition_of[r["outer_action_id"]], r) for r in batch.reports]
             return
         if len(batch.reports) > 1:
-            # The API rejects a whole request for one bad action: send each one alone, so
-            # only the bad ones fail.
-            for report, action in zip(batch.reports, batch.actions):
-                single = Batch(batch.account_id, batch.user_action_set_id, [report], [action])
-                await self._deliver_batch(single, result, partition_of)
+            # The API rejects a whole request for one bad action: bisect, so only the bad
+            # ones fail, at about 2·log2(50) extra requests per bad action.
+            half = len(batch.reports) // 2
+            for part in (slice(None, half), slice(half, None)):
+                await self._deliver_batch(Batch(batch.account_id, batch.user_action_set_id,
+                                                batch.reports[part], batch.actions[part]),
+                                          result, partition_of)
             return
         report = batch.reports[0]
         failure = {"http_status": status, "response": answer if answer is not None else text}

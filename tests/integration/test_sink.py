@@ -81,8 +81,6 @@ def _wait(condition, timeout: float, what: str, sink: SinkProcess) -> None:
         time.sleep(0.2)
 
 
-# Behind `slow` until it has a green run in CI's own way (make test-slow runs it).
-@pytest.mark.slow
 @pytest.mark.parametrize("kills", [0, 2])
 def test_every_report_reaches_the_api_once_and_every_rejection_is_parked(kafka_broker, tmp_path, kills):
     pipeline = Pipeline(tmp_path)
