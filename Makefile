@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 EVENTS ?= 0
 RATE   ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow broker broker-stop broker-reset clean
+.PHONY: setup run test test-unit test-slow bench-sink broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -45,6 +46,10 @@ test-unit: setup
 
 test-slow: setup
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+## Sink delivery throughput against the local Marketing API, beside the bare-HTTP ceiling.
+bench-sink: setup
+	$(BIN)/python -m bench.sink_throughput $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .state deploy/kafka/lib *.egg-info

@@ -75,6 +75,8 @@ class MarketingApiServer:
         self.nonces: set[str] = set()
         self.batch_sizes: list[int] = []
         self.tokens_seen: set[str] = set()
+        self.first_accepted_at: Optional[float] = None   # wall-clock seconds, for throughput
+        self.last_accepted_at: Optional[float] = None
         self.lock = threading.Lock()
 
     # -- the endpoint ------------------------------------------------------------------
@@ -131,6 +133,8 @@ class MarketingApiServer:
                     self.duplicates[oid] += 1
                 else:
                     self.accepted[oid] = Delivery(oid, payload["account_id"], payload["user_action_set_id"], action)
+            self.last_accepted_at = time.time()
+            self.first_accepted_at = self.first_accepted_at or self.last_accepted_at
         return self._answer(0, "")
 
     def _retryable_answer(self) -> web.Response:
@@ -166,7 +170,8 @@ class MarketingApiServer:
     def summary(self) -> dict:
         return {"requests": self.requests, "accepted": len(self.accepted),
                 "duplicate_deliveries": sum(self.duplicates.values()),
-                "answers": {str(k): v for k, v in self.answers.items()}}
+                "answers": {str(k): v for k, v in self.answers.items()},
+                "first_accepted_at": self.first_accepted_at, "last_accepted_at": self.last_accepted_at}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=4 * MAX_BODY_BYTES)

@@ -122,3 +122,27 @@ class Pipeline:
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
+
+
+class SinkProcess:
+    """`tagstream sink --target api` in a child process, on a pipeline's topics, delivering to
+    `base_url` with the token read from `token_file`."""
+
+    def __init__(self, pipeline: Pipeline, base_url: str, token_file: Path, log_path: Path):
+        self.env = {**os.environ, **pipeline.settings.to_environ(),
+                    "TAGSTREAM_MARKETING_API_BASE": base_url, "TAGSTREAM_ACCESS_TOKEN_FILE": str(token_file),
+                    "TAGSTREAM_SINK_METRICS_PORT": str(free_port())}
+        self.port = int(self.env["TAGSTREAM_SINK_METRICS_PORT"])
+        self.log_path = log_path
+        self.process = None
+
+    def start(self) -> "SinkProcess":
+        self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "sink", "--target", "api"],
+                                        env=self.env, cwd=REPO, stdout=open(self.log_path, "ab"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(60)

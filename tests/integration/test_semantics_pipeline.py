@@ -18,7 +18,6 @@ import time
 import orjson
 import pytest
 
-from streams.observe import total
 from tests.integration.conftest import Pipeline
 from tests.logs import generate_log, kafka_partition
 from tests.reference_model import reference_reports

@@ -9,14 +9,9 @@ or a dead letter. Killing the sink with SIGKILL twice mid-run changes none of th
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import orjson
 import pytest
@@ -24,53 +19,13 @@ import pytest
 from streams.kafka_admin import ensure_topics
 from streams.observe import scrape
 from tests import kafka_io
-from tests.integration.conftest import REPO, Pipeline, free_port
+from tests.integration.conftest import Pipeline, SinkProcess
+from tests.report_samples import sample_reports
 from streams.marketing_api import RETRYABLE_CODES
 from tests.marketing_api_server import Faults, MarketingApiServer, ServerThread
 
 REPORTS = 20_000
 OLD_TOKEN, NEW_TOKEN = "tok-old-5f1d2c", "tok-new-a93e77"
-
-
-def _reports(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    types = [("CONSULT", "WECOM_CONSULT", None), ("LEAD", "RESERVATION", None),
-             ("LONG_TERM", "CUSTOM", "LONG_TERM_CONVERSION")]
-    out = []
-    for i in range(n):
-        corp, customer = f"ww{i % 17}", f"wm{i:06d}"
-        standard_type, action_type, custom_action = types[i % 3]
-        oid = hashlib.sha256(f"{corp}|{customer}|{standard_type}".encode()).hexdigest()
-        identity = ({"user_id": {"wechat_app_id": "wx1", "wechat_unionid": f"u{i}"}, "trace": {}}
-                    if i % 4 else {"user_id": {}, "trace": {"click_id": f"clk{i}"}})
-        out.append({"outer_action_id": oid, "account_id": 2000 + i % 23, "user_action_set_id": 11000 + i % 2,
-                    "action_type": action_type, "custom_action": custom_action,
-                    "action_time": 1763884800 + rng.randrange(86400), **identity,
-                    "standard_type": standard_type, "mode": "realtime", "reason": None, "corp_id": corp,
-                    "external_userid": customer, "tag_id": "t1", "source_event_id": f"e{i}",
-                    "event_ts": 1763884800000, "emitted_at": 1763884800100})
-    return out
-
-
-class SinkProcess:
-    def __init__(self, pipeline: Pipeline, base_url: str, token_file: Path, log_path: Path):
-        self.env = {**os.environ, **pipeline.settings.to_environ(),
-                    "TAGSTREAM_MARKETING_API_BASE": base_url, "TAGSTREAM_ACCESS_TOKEN_FILE": str(token_file),
-                    "TAGSTREAM_SINK_METRICS_PORT": str(free_port())}
-        self.port = int(self.env["TAGSTREAM_SINK_METRICS_PORT"])
-        self.log_path = log_path
-        self.process = None
-
-    def start(self) -> "SinkProcess":
-        self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "sink", "--target", "api"],
-                                        env=self.env, cwd=REPO, stdout=open(self.log_path, "ab"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(60)
 
 
 def _wait(condition, timeout: float, what: str, sink: SinkProcess) -> None:
@@ -84,7 +39,7 @@ def _wait(condition, timeout: float, what: str, sink: SinkProcess) -> None:
 @pytest.mark.parametrize("kills", [0, 2])
 def test_every_report_reaches_the_api_once_and_every_rejection_is_parked(kafka_broker, tmp_path, kills):
     pipeline = Pipeline(tmp_path)
-    reports = _reports(REPORTS, seed=kills)
+    reports = sample_reports(REPORTS, seed=kills)
     rng = random.Random(99)
     rejected = {r["outer_action_id"] for r in rng.sample(reports, REPORTS // 100)}
     server = MarketingApiServer(OLD_TOKEN, Faults(seed=kills, retryable_rate=0.10, permanent_ids=rejected,
