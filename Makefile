@@ -8,7 +8,7 @@ RATE   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow bench-sink broker broker-stop broker-reset clean
+.PHONY: setup run test test-unit test-slow bench-sink observability broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -37,19 +37,25 @@ broker-reset:
 run: broker
 	$(BIN)/tagstream run --events $(EVENTS) $(if $(RATE),--rate $(RATE))
 
-## Every test that belongs in CI (unit + integration on the real broker).
+## Every test that belongs in CI (unit + integration on the real broker, and a real Prometheus).
 test: setup
+	deploy/setup-system.sh --with-prometheus
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 test-slow: setup
+	deploy/setup-system.sh --with-prometheus
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 ## Sink delivery throughput against the local Marketing API, beside the bare-HTTP ceiling.
 bench-sink: setup
 	$(BIN)/python -m bench.sink_throughput $(BENCH_ARGS)
+
+## Regenerate the Grafana dashboard and the alert rules from deploy/observability.py.
+observability: setup
+	$(BIN)/python deploy/observability.py
 
 clean:
 	rm -rf $(VENV) .state deploy/kafka/lib *.egg-info

@@ -225,23 +225,35 @@ class CustomerEvents:
                 self.journal_replayed.discard(tp.partition)
 
     # -- internals -----------------------------------------------------------------------
+    def held_reports(self, partition: int) -> int:
+        """Running holds of `partition`, as its clock in the state table counts them."""
+        with self._partition(partition):
+            return self.store.clock(partition).held
+
     @contextlib.contextmanager
-    def _applying(self, partition: int) -> Iterator[None]:
-        """Make Faust's tables store under `partition`, even when the work is done later
-        than the event's arrival (merge release) or without an event (idle timer)."""
+    def _partition(self, partition: int) -> Iterator[None]:
+        """Make Faust's tables read and store under `partition`, even when the work is done
+        later than the event's arrival (merge release) or without an event (timers)."""
         context = self.contexts.get(partition)
         if context is None:
             context = self.contexts[partition] = _PartitionContext(self.tag_events_topic, partition)
         token = _current_event.set(weakref.ref(context))
         try:
+            yield
+        finally:
+            _current_event.reset(token)
+
+    @contextlib.contextmanager
+    def _applying(self, partition: int) -> Iterator[None]:
+        """`_partition`, for a step: the first step after an assignment completes the last
+        step a crash may have cut short."""
+        with self._partition(partition):
             if partition not in self.journal_replayed:
                 replayed = self.store.replay_journal(partition)
                 self.journal_replayed.add(partition)
                 if replayed:
                     log.info("partition %d: replayed %d writes of the last step's journal", partition, replayed)
             yield
-        finally:
-            _current_event.reset(token)
 
     async def _release(self, partition: int) -> None:
         def caught_up(source: str) -> Optional[bool]:
@@ -274,8 +286,6 @@ class CustomerEvents:
             await asyncio.gather(*deliveries)
         with self._applying(partition):
             self.store.flush(partition)
-        if result.holds_delta:
-            metrics.HELD_REPORTS.inc(result.holds_delta)
 
     def _already_applied(self, tp: TP, offset: int) -> bool:
         """Re-delivered after a crash: the state already covers this record."""

@@ -76,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rules", action="store_true", help="do not produce the sample rules")
 
     command("topics", "create tagstream's topics if they are missing")
-    p = command("lag", "print the worker group's lag per topic and partition")
-    p.add_argument("--group", default=None, help="consumer group (default: the app id)")
+    p = command("lag", "print consumer lag per group, topic and partition, like kafka-consumer-groups --describe",
+                "LAG is log-end offset minus committed offset; LAG-SECONDS is the age of the oldest\n"
+                "unprocessed record (the one at the committed offset). Groups: the worker's (the\n"
+                "app id) and the sink's (<app id>-sink).\n\n"
+                "examples:\n  tagstream lag\n  tagstream lag --group tagstream-sink")
+    p.add_argument("--group", default=None, help="only this group (default: both)")
     command("topology", "print the topics, tables and agents of the worker")
     command("settings", "list every setting with its default and environment variable")
     return parser
@@ -152,12 +156,18 @@ def cmd_sink(args, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if args.target == "api":
-            from streams import metrics
-            await ensure_topics(settings)
-            metrics.serve(settings.sink_metrics_port)
+        if args.target != "api":
+            return await run_file_sink(settings, args.target, stop)
+        from streams import metrics
+        from streams.lag import LagMonitor, monitored_groups
+        await ensure_topics(settings)
+        metrics.serve(settings.sink_metrics_port)
+        lag = asyncio.create_task(LagMonitor(settings.bootstrap_servers, monitored_groups(settings))
+                                  .run(settings.metrics_interval / 1000, stop))
+        try:
             return await run_api_sink(settings, stop)
-        return await run_file_sink(settings, args.target, stop)
+        finally:
+            lag.cancel()
 
     outcome = asyncio.run(run())
     if isinstance(outcome, dict):
@@ -203,15 +213,29 @@ def cmd_topics(args, settings: Settings) -> int:
 
 
 def cmd_lag(args, settings: Settings) -> int:
-    from streams.kafka_admin import group_lag
-    topics = [settings.topic("tag_events_topic"), settings.topic("contact_events_topic"),
-              settings.topic("tag_mappings_topic")]
-    rows = asyncio.run(group_lag(settings, args.group or settings.app_id, topics))
-    print(f"{'GROUP':<20} {'TOPIC':<32} {'PARTITION':>9} {'CURRENT-OFFSET':>15} {'LOG-END-OFFSET':>15} {'LAG':>8}")
+    from streams.lag import LagMonitor, monitored_groups
+    groups = monitored_groups(settings)
+    if args.group:
+        if args.group not in groups:
+            raise ConfigError(f"--group {args.group!r}: tagstream's groups are {', '.join(groups)}")
+        groups = {args.group: groups[args.group]}
+
+    async def sample():
+        async with LagMonitor(settings.bootstrap_servers, groups) as monitor:
+            return await monitor.sample()
+    rows = asyncio.run(sample())
+    if not rows:
+        print(f"no topics yet for {', '.join(groups)}: create them with `tagstream topics`", file=sys.stderr)
+        return 1
+    now_ms = int(time.time() * 1000)
+    width = max(len(r.group) for r in rows) + 1
+    topic_width = max(len(r.topic) for r in rows) + 1
+    print(f"{'GROUP':<{width}} {'TOPIC':<{topic_width}} {'PARTITION':>9} {'CURRENT-OFFSET':>15} "
+          f"{'LOG-END-OFFSET':>15} {'LAG':>8} {'LAG-SECONDS':>12}")
     for row in rows:
         current = "-" if row.committed is None else str(row.committed)
-        print(f"{args.group or settings.app_id:<20} {row.topic:<32} {row.partition:>9} {current:>15} "
-              f"{row.log_end:>15} {row.lag:>8}")
+        print(f"{row.group:<{width}} {row.topic:<{topic_width}} {row.partition:>9} {current:>15} "
+              f"{row.log_end:>15} {row.lag:>8} {row.lag_seconds(now_ms):>12.1f}")
     return 0
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from schemas.records import STANDARD_TYPES
-from streams.kafka_admin import ensure_topics, group_lag
+from streams.kafka_admin import ensure_topics
+from streams.lag import LagMonitor, monitored_groups
 from streams.loadgen import TagTraffic
 from streams.observe import by_label, scrape_async, total
 from streams.producer import input_producer, produce
@@ -135,6 +136,10 @@ class _Demo:
                 await asyncio.sleep(0)
 
     async def _watch(self, worker: Child, sink: Child) -> bool:
+        async with LagMonitor(self.settings.bootstrap_servers, monitored_groups(self.settings)) as lag:
+            return await self._watch_with(worker, sink, lag)
+
+    async def _watch_with(self, worker: Child, sink: Child, lag_monitor: LagMonitor) -> bool:
         s = self.settings
         started = time.monotonic()
         last_processed, last_t = 0.0, started
@@ -150,7 +155,8 @@ class _Demo:
                     return False
             samples = await scrape_async(s.metrics_port)
             processed = sum(total(samples, "tagstream_events_total", topic=t) for t in event_topics)
-            lag = sum(row.lag for row in await group_lag(s, s.app_id, event_topics))
+            rows = await lag_monitor.sample(with_age=False)
+            lag = sum(row.lag for row in rows if row.group == s.app_id and row.topic in event_topics)
             now = time.monotonic()
             reports = by_label(samples, "tagstream_reports_total", "standard_type")
             print(f"[{now - started:6.0f}s] produced {self.produced:>9,}  processed {processed:>9,.0f} "
@@ -158,18 +164,13 @@ class _Demo:
                   + " ".join(f"{t} {reports.get(t, 0):,.0f}" for t in STANDARD_TYPES), flush=True)
             last_processed, last_t = processed, now
             done = self.events and self.produced >= self.events and processed >= self.events
-            if done and await self._sink_caught_up():
+            if done and all(row.lag == 0 for row in rows if row.group == f"{s.app_id}-sink"):
                 self._summary(samples, processed, time.time())
                 return True
             if self.stop.is_set():
                 print("interrupted")
                 self._summary(samples, processed, time.time())
                 return True
-
-    async def _sink_caught_up(self) -> bool:
-        s = self.settings
-        rows = await group_lag(s, f"{s.app_id}-sink", [s.topic("conversion_reports_topic")])
-        return all(row.lag == 0 for row in rows)
 
     def _summary(self, samples: Optional[dict], processed: float, finished_at: float) -> None:
         elapsed = finished_at - (self.first_produced_at or finished_at)

@@ -1,12 +1,9 @@
-"""Creating tagstream's topics and reading consumer-group positions, with aiokafka's admin
-client. Topic layout is decided here once: every topic gets `settings.partitions`
-partitions (the event topics must match for co-partitioning), the rules topic is compacted.
+"""Creating tagstream's topics, with aiokafka's admin client. Topic layout is decided here
+once: every topic gets `settings.partitions` partitions (the event topics must match for
+co-partitioning), the rules topic and the delivered-report record are compacted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -59,36 +56,3 @@ async def ensure_topics(settings: Settings) -> list[str]:
         return created
     finally:
         await admin.close()
-
-
-@dataclass(frozen=True)
-class PartitionLag:
-    topic: str
-    partition: int
-    committed: int | None
-    log_end: int
-
-    @property
-    def lag(self) -> int:
-        return self.log_end - (self.committed or 0)
-
-
-async def group_lag(settings: Settings, group_id: str, topics: list[str]) -> list[PartitionLag]:
-    """Log-end offset minus committed offset per partition, as kafka-consumer-groups shows."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group_id)
-        described = await admin.describe_topics(topics)
-        tps = [TopicPartition(d["topic"], p["partition"])
-               for d in described for p in sorted(d["partitions"], key=lambda p: p["partition"])]
-        ends = await consumer.end_offsets(tps) if tps else {}
-        return [PartitionLag(tp.topic, tp.partition,
-                             committed[tp].offset if tp in committed else None, ends[tp])
-                for tp in tps]
-    finally:
-        await consumer.stop()
-        await admin.close()
-

@@ -41,7 +41,49 @@ MERGE_FORCED = Gauge(
     ["cause"])
 HELD_REPORTS = Gauge(
     "tagstream_held_reports",
-    "Delayed reports (LONG_TERM, INVALID) waiting for their deadline; counts this process's changes")
+    "Delayed reports (LONG_TERM, INVALID) waiting for their deadline, per assigned partition (from the state table)",
+    ["partition"])
+TABLE_KEYS = Gauge(
+    "tagstream_table_keys",
+    "Keys in a local state table, per assigned partition (RocksDB's estimate)",
+    ["table", "partition"])
+REBALANCES = Counter(
+    "tagstream_rebalances_total",
+    "Consumer-group rebalances this worker took part in (partitions assigned)")
+ASSIGNED_PARTITIONS = Gauge(
+    "tagstream_assigned_partitions",
+    "Input partitions assigned to this worker, by topic",
+    ["topic"])
+REBALANCING = Gauge(
+    "tagstream_rebalancing",
+    "1 while this worker is in a rebalance")
+RECOVERING = Gauge(
+    "tagstream_table_recovery_in_progress",
+    "1 while this worker restores tables from their changelogs (processing is paused)")
+
+# -- consumer lag (streams/lag.py), exported by every tagstream process ---------------------
+CONSUMER_LAG = Gauge(
+    "tagstream_consumer_group_lag",
+    "Log-end offset minus committed offset, in messages (as kafka-consumer-groups shows it)",
+    ["group", "topic", "partition"])
+CONSUMER_LAG_SECONDS = Gauge(
+    "tagstream_consumer_group_lag_seconds",
+    "Age of the oldest unprocessed record (the record at the committed offset); 0 with no lag",
+    ["group", "topic", "partition"])
+COMMITTED_OFFSET = Gauge(
+    "tagstream_consumer_group_committed_offset",
+    "The group's committed offset (the log start if it never committed)",
+    ["group", "topic", "partition"])
+LOG_END_OFFSET = Gauge(
+    "tagstream_topic_log_end_offset",
+    "Log-end offset of a partition (its rate is the produce rate)",
+    ["topic", "partition"])
+LAG_SAMPLE_TIME = Gauge(
+    "tagstream_lag_sample_timestamp_seconds",
+    "Unix time of the last successful lag sample")
+LAG_SAMPLE_ERRORS = Counter(
+    "tagstream_lag_sample_errors_total",
+    "Lag samples that failed (broker unreachable, ...)")
 EVENT_TO_REPORT = Histogram(
     "tagstream_event_to_report_seconds",
     "Wall-clock time from an event's ts to the emission of its report, per standard type",

@@ -132,13 +132,15 @@ class CustomerState:
 
 @dataclass
 class PartitionClock:
-    """Stream time of one partition number, and the range of its hold index in use."""
+    """Stream time of one partition number, the range of its hold index in use, and how
+    many holds are running (for the `tagstream_held_reports` gauge)."""
     stream_time: int = -1
     low_bucket: Optional[int] = None    # no due entry lives below this bucket
     high_bucket: Optional[int] = None   # no entry at all lives above this bucket
+    held: int = 0
 
     def encode(self) -> bytes:
-        return orjson.dumps([self.stream_time, self.low_bucket, self.high_bucket])
+        return orjson.dumps([self.stream_time, self.low_bucket, self.high_bucket, self.held])
 
     @classmethod
     def decode(cls, payload: Optional[bytes]) -> "PartitionClock":
@@ -228,6 +230,7 @@ class ReportingEngine:
             state.seen = {eid: ts for eid, ts in state.seen.items() if ts >= horizon}
         if event.event_id in state.seen:
             result.outcome = DUPLICATE
+            self._count_holds(partition, clock, result)    # the release above may have changed it
             return result
         state.seen[event.event_id] = event.ts
         if isinstance(event, ContactEvent):
@@ -237,6 +240,7 @@ class ReportingEngine:
         else:
             self._apply_remove(state, event, result)
         self.store.put_customer(key, state)
+        self._count_holds(partition, clock, result)
         return result
 
     def on_idle(self, partition: int, wall_ms: int, now_ms: int) -> StepResult:
@@ -246,6 +250,7 @@ class ReportingEngine:
         clock = self.store.clock(partition)
         before = replace(clock)
         self._release_due(partition, clock, wall_ms - self.policy.idle_grace, result, now_ms)
+        clock.held += result.holds_delta
         if clock != before:              # an idle partition writes nothing
             self.store.put_clock(partition, clock)
         return result
@@ -256,8 +261,14 @@ class ReportingEngine:
         clock = self.store.clock(partition)
         if clock.high_bucket is not None:
             self._release_due(partition, clock, (clock.high_bucket + 1) * HOLD_BUCKET_MS, result, now_ms)
+        clock.held += result.holds_delta
         self.store.put_clock(partition, clock)
         return result
+
+    def _count_holds(self, partition: int, clock: PartitionClock, result: StepResult) -> None:
+        if result.holds_delta:
+            clock.held += result.holds_delta
+            self.store.put_clock(partition, clock)
 
     # rules ----------------------------------------------------------------------------
     def _apply_contact(self, state: CustomerState, event: ContactEvent, result: StepResult) -> None:

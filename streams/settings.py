@@ -89,6 +89,7 @@ class Settings:
     sink_max_backoff: int = _duration(30 * SECOND, "longest wait between retries of one request")
     sink_metrics_port: int = _setting(9465, "port of the sink's Prometheus /metrics endpoint (0: none)")
     metrics_port: int = _setting(9464, "port of the Prometheus /metrics endpoint (0: none)")
+    metrics_interval: int = _duration(5 * SECOND, "how often consumer lag, table sizes and held reports are sampled for /metrics")
     log_level: str = _setting("info", "debug, info, warning or error")
 
     def topic(self, name: str) -> str:

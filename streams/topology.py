@@ -22,8 +22,10 @@ from pathlib import Path
 import faust
 
 from agents.customers import CustomerEvents, TableStore
+from agents.health import WorkerHealth
 from agents.rules import RuleReplica, fold_rule_versions
 from streams import faust_consumer
+from streams.lag import LagMonitor, monitored_groups
 from streams.semantics import ReportingPolicy
 from streams.settings import Settings
 
@@ -49,10 +51,12 @@ class Topology:
         lines.append("processors:")
         lines += [
             f"  fold_rule_versions     {self.sources['tag_mappings']} -> rule_versions",
-            f"  RuleReplica            rule_versions changelog (all partitions, no group) -> rule book",
+            "  RuleReplica            rule_versions changelog (all partitions, no group) -> rule book",
             f"  apply_customer_events  {self.sources['tag_events']} + {self.sources['contact_events']}"
             f" (merged by ts) -> reporting_state,"
             f" {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
+            "  WorkerHealth           rebalances, recovery, table sizes, held reports -> /metrics",
+            "  LagMonitor             committed offsets of the worker and sink groups (no group) -> /metrics",
         ]
         lines.append("sinks:")
         lines += [f"  {name:<16} {t}" for name, t in self.sinks.items()]
@@ -120,8 +124,29 @@ def build_topology(settings: Settings) -> Topology:
     async def forget_revoked(app, revoked, **kwargs):
         await per_customer.on_partitions_revoked(revoked)
 
+    # -- observability (metrics on settings.metrics_port) ----------------------------------
+    health = WorkerHealth(app, {"reporting_state": reporting_state, "rule_versions": rule_versions},
+                          per_customer.held_reports, [names["tag_events"], names["contact_events"]])
+    app.timer(s.metrics_interval / 1000)(_sync(health.refresh))
+
+    @app.on_partitions_assigned.connect
+    async def count_rebalance(app, assigned, **kwargs):
+        health.on_assigned()
+
+    async def export_consumer_lag() -> None:
+        await LagMonitor(s.bootstrap_servers, monitored_groups(s)).run(s.metrics_interval / 1000)
+    app.task(export_consumer_lag)
+
     return Topology(
         app=app, settings=s, replica=replica,
         sources={k: names[k] for k in ("tag_mappings", "tag_events", "contact_events")},
         tables={"rule_versions": rule_versions, "reporting_state": reporting_state},
         sinks={k: names[k] for k in ("conversion_reports", "unreportable", "dead_letters")})
+
+
+def _sync(function):
+    """A coroutine around a plain function, for `app.timer`."""
+    async def run() -> None:
+        function()
+    run.__name__ = function.__name__
+    return run

@@ -1,0 +1,65 @@
+"""The worker's own state as Prometheus gauges, refreshed by a timer: rebalancing and table
+recovery, assigned partitions, table sizes and held reports. (Consumer lag is exported by
+`streams.lag`, which every tagstream process runs.)"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from streams import metrics
+
+log = logging.getLogger(__name__)
+
+
+def table_keys(table, partition: int) -> Optional[int]:
+    """RocksDB's key estimate for one partition of a Faust table (None if not open here).
+    An estimate is free; counting 1M keys exactly would stall the event loop."""
+    db = getattr(table.data, "_dbs", {}).get(partition)
+    if db is None:
+        return None
+    try:
+        return db.property_int_value("rocksdb.estimate-num-keys")
+    except Exception:        # another driver, or a closed database during a rebalance
+        return None
+
+
+class WorkerHealth:
+    def __init__(self, app, tables: dict, held_reports, input_topics: list[str]):
+        """`held_reports(partition) -> int` reads the count from the state table."""
+        self.app = app
+        self.tables = tables
+        self.held_reports = held_reports
+        self.input_topics = input_topics
+        self.exported_partitions: set[int] = set()
+
+    def on_assigned(self) -> None:
+        metrics.REBALANCES.inc()
+
+    def refresh(self) -> None:
+        app = self.app
+        metrics.REBALANCING.set(1 if app.rebalancing else 0)
+        metrics.RECOVERING.set(1 if app.in_recovery else 0)
+        assignment = app.consumer.assignment() if app.consumer else set()
+        for topic in self.input_topics:
+            metrics.ASSIGNED_PARTITIONS.labels(topic).set(sum(1 for tp in assignment if tp.topic == topic))
+        partitions = {tp.partition for tp in assignment if tp.topic == self.input_topics[0]}
+        for gone in self.exported_partitions - partitions:
+            for name in self.tables:
+                _remove(metrics.TABLE_KEYS, name, str(gone))
+            _remove(metrics.HELD_REPORTS, str(gone))
+        self.exported_partitions = partitions
+        if app.in_recovery:
+            return                      # tables are being restored; their counts mean nothing yet
+        for partition in partitions:
+            for name, table in self.tables.items():
+                keys = table_keys(table, partition)
+                if keys is not None:
+                    metrics.TABLE_KEYS.labels(name, str(partition)).set(keys)
+            metrics.HELD_REPORTS.labels(str(partition)).set(self.held_reports(partition))
+
+
+def _remove(gauge, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
