@@ -8,7 +8,7 @@ RATE   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow bench-sink observability broker broker-stop broker-reset clean
+.PHONY: setup run test test-unit test-slow bench-sink observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -56,6 +56,11 @@ bench-sink: setup
 ## Regenerate the Grafana dashboard and the alert rules from deploy/observability.py.
 observability: setup
 	$(BIN)/python deploy/observability.py
+
+## Re-render docs/dashboard.png from a real run (worker, sink, Prometheus, headless Chromium).
+dashboard-png: setup
+	deploy/setup-system.sh --with-prometheus --with-chromium
+	TAGSTREAM_DASHBOARD_PNG=$(CURDIR)/docs/dashboard.png $(BIN)/pytest -q tests/integration/test_observability.py
 
 clean:
 	rm -rf $(VENV) .state deploy/kafka/lib *.egg-info

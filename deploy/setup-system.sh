@@ -7,7 +7,13 @@ command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
-[ "${1:-}" = "--with-prometheus" ] && { command -v prometheus >/dev/null || need+=(prometheus); }
+for flag in "$@"; do
+  case "$flag" in
+    --with-prometheus) command -v prometheus >/dev/null || need+=(prometheus) ;;   # also brings promtool
+    --with-chromium) command -v chromium >/dev/null || need+=(chromium) ;;          # make dashboard-png
+    *) echo "setup-system.sh: unknown flag $flag (use --with-prometheus, --with-chromium)" >&2; exit 2 ;;
+  esac
+done
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 echo "setup: installing ${need[*]} with apt-get" >&2
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -14,13 +14,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 BOOTSTRAP = "127.0.0.1:9092"
 
 
-def produce(records: Iterable[tuple[str, Optional[bytes], Optional[bytes]]]) -> None:
-    """Send (topic, key, value) records in order and wait for every ack."""
+def produce(records: Iterable[tuple]) -> None:
+    """Send (topic, key, value) records in order and wait for every ack. A record may carry a
+    fourth element, its timestamp in ms (default: now)."""
     async def run() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", enable_idempotence=True)
         await producer.start()
         try:
-            futures = [await producer.send(topic, key=key, value=value) for topic, key, value in records]
+            futures = [await producer.send(topic, key=key, value=value, timestamp_ms=rest[0] if rest else None)
+                       for topic, key, value, *rest in records]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()

@@ -92,12 +92,12 @@ class Pipeline:
     """One isolated tagstream deployment on the shared broker: its own topics, consumer
     group, state directory and metrics port."""
 
-    def __init__(self, tmp_dir: Path, partitions: int = 4):
+    def __init__(self, tmp_dir: Path, partitions: int = 4, **overrides):
         tag = uuid.uuid4().hex[:8]
         self.settings = Settings.load(overrides={
             "app_id": f"it-{tag}", "topic_prefix": f"it-{tag}.", "partitions": partitions,
             "data_dir": str(tmp_dir / "worker-data"), "metrics_port": free_port(),
-            "log_level": "info"}, environ={})
+            "log_level": "info", **overrides}, environ={})
         self.tmp_dir = tmp_dir
         self.workers: list[WorkerProcess] = []
 
@@ -110,8 +110,8 @@ class Pipeline:
         return worker
 
     def send(self, *records: tuple[str, str, Optional[dict]]) -> None:
-        """Send (topic short name, key, JSON value) records in order."""
-        kafka_io.produce(kafka_io.json_record(self.topic(t), k, v) for t, k, v in records)
+        """Send (topic short name, key, JSON value[, timestamp ms]) records in order."""
+        kafka_io.produce((*kafka_io.json_record(self.topic(t), k, v), *rest) for t, k, v, *rest in records)
 
     def send_raw(self, *records: tuple[str, Optional[bytes], Optional[bytes]]) -> None:
         kafka_io.produce((self.topic(t), k, v) for t, k, v in records)
