@@ -3,9 +3,11 @@
     tagstream run       the whole demo on the local broker: worker, sink, generated load
     tagstream worker    the Faust agents (SPEC §4)
     tagstream sink      deliver reports to the Marketing API (--target api), a file or stdout
+    tagstream replay    historic events (a topic time range or NDJSON archives) -> reports
+    tagstream archive   write a time range of the input topics to an NDJSON archive
     tagstream load      produce sample rules and a generated event stream
     tagstream topics    create the topics if missing
-    tagstream lag       consumer lag of the worker, per topic and partition
+    tagstream lag       consumer lag (messages and seconds) of the worker and sink groups
     tagstream topology  print the topics, tables and agents
     tagstream settings  every setting, its default and its TAGSTREAM_* variable
 """
@@ -74,6 +76,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, required=True, help="how many events to produce")
     p.add_argument("--seed", type=int, default=1, help="random seed of the generated load")
     p.add_argument("--no-rules", action="store_true", help="do not produce the sample rules")
+
+    p = command("replay", "replay historic tag events: a topic time range or NDJSON archives",
+                "Fold historic events through the same engine as the worker, with the rules as of\n"
+                "each event's ts, and produce exactly the reports a live run would have. Replay\n"
+                "state is in memory and topics are read with no consumer group: the live worker is\n"
+                "never touched. Reports go to the outbound topic, where the sink skips every\n"
+                "outer_action_id already delivered; with --dry-run they go to a file, with a\n"
+                "comparison against what was delivered (new, already delivered, would change).\n\n"
+                "examples:\n"
+                "  tagstream replay --from 2026-11-01T00:00:00Z --to 2026-11-02T00:00:00Z --dry-run\n"
+                "  tagstream replay --files archive/2026-11-01.ndjson.gz --dry-run --out fixed.ndjson\n"
+                "  tagstream replay --from 2026-11-01T00:00+08:00 --to 2026-11-01T12:00+08:00")
+    p.add_argument("--from", dest="from_time", metavar="TIME",
+                   help="start of the range, ISO-8601 (naive means UTC); required without --files")
+    p.add_argument("--to", dest="to_time", metavar="TIME", help="end of the range (exclusive), ISO-8601")
+    p.add_argument("--files", nargs="+", metavar="FILE", default=[],
+                   help="replay NDJSON archives (plain or .gz, as `tagstream archive` writes them) instead of topics")
+    p.add_argument("--dry-run", action="store_true", help="write reports to --out instead of the outbound topic")
+    p.add_argument("--out", default="replay-reports.ndjson",
+                   help="--dry-run: reports file; unreportable and would-change details go beside it "
+                        "[default: replay-reports.ndjson]")
+    p.add_argument("--dead-letters", default="replay-dead-letters.ndjson",
+                   help="file for records and archive lines that fail validation [default: replay-dead-letters.ndjson]")
+    p.add_argument("--summary-json", metavar="FILE", help="also write the final summary as JSON")
+
+    p = command("archive", "write the input topics' records of a time range to an NDJSON archive",
+                "Keep history beyond topic retention: the rule book (every version) and every tag and\n"
+                "contact record with a timestamp in [--from, --to), one JSON object per line. Replay it\n"
+                "with `tagstream replay --files`.\n\n"
+                "example:\n  tagstream archive --from 2026-11-01T00:00:00Z --to 2026-11-02T00:00:00Z "
+                "--out archive/2026-11-01.ndjson.gz")
+    p.add_argument("--from", dest="from_time", metavar="TIME", required=True, help="start, ISO-8601")
+    p.add_argument("--to", dest="to_time", metavar="TIME", required=True, help="end (exclusive), ISO-8601")
+    p.add_argument("--out", required=True, help="archive file; .gz compresses")
 
     command("topics", "create tagstream's topics if they are missing")
     p = command("lag", "print consumer lag per group, topic and partition, like kafka-consumer-groups --describe",
@@ -205,6 +241,39 @@ def cmd_load(args, settings: Settings) -> int:
     return 0
 
 
+def _time_range(args, required: bool) -> tuple[Optional[int], Optional[int]]:
+    from streams.replay import parse_time
+    if required and not (args.from_time and args.to_time):
+        raise ConfigError("give the range to replay: --from TIME --to TIME (ISO-8601, e.g. "
+                          "--from 2026-11-01T00:00:00Z --to 2026-11-02T00:00:00Z), or --files ARCHIVE...")
+    from_ms = parse_time("--from", args.from_time) if args.from_time else None
+    to_ms = parse_time("--to", args.to_time) if args.to_time else None
+    if from_ms is not None and to_ms is not None and from_ms >= to_ms:
+        raise ConfigError(f"--from {args.from_time} is not before --to {args.to_time}")
+    return from_ms, to_ms
+
+
+def cmd_replay(args, settings: Settings) -> int:
+    from streams.replay import ReplayOptions, run_replay
+    from_ms, to_ms = _time_range(args, required=not args.files)
+    options = ReplayOptions(from_ms, to_ms, args.files, args.dry_run, args.out, args.dead_letters, args.summary_json)
+    summary = asyncio.run(run_replay(settings, options))
+    print(summary.render())
+    if args.dry_run:
+        print(f"  reports written to {args.out}")
+    if summary.dead_letters:
+        print(f"  dead letters written to {args.dead_letters}")
+    return 0
+
+
+def cmd_archive(args, settings: Settings) -> int:
+    from streams.replay import run_archive
+    from_ms, to_ms = _time_range(args, required=True)
+    counts = asyncio.run(run_archive(settings, from_ms, to_ms, args.out))
+    print(f"archived to {args.out}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
+    return 0
+
+
 def cmd_topics(args, settings: Settings) -> int:
     from streams.kafka_admin import ensure_topics
     created = asyncio.run(ensure_topics(settings))
@@ -259,6 +328,7 @@ def cmd_run(args, settings: Settings) -> int:
 
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "load": cmd_load,
+            "replay": cmd_replay, "archive": cmd_archive,
             "topics": cmd_topics, "lag": cmd_lag, "topology": cmd_topology, "settings": cmd_settings}
 
 if __name__ == "__main__":
