@@ -8,7 +8,7 @@ RATE   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow bench-sink observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: setup run test test-unit test-slow bench-sink bench-replay observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -52,6 +52,10 @@ test-slow: setup
 ## Sink delivery throughput against the local Marketing API, beside the bare-HTTP ceiling.
 bench-sink: setup
 	$(BIN)/python -m bench.sink_throughput $(BENCH_ARGS)
+
+## One 200,000-event log processed live, replayed from topics and from an archive: compared and timed.
+bench-replay: setup
+	$(BIN)/python -m bench.replay_vs_live $(BENCH_ARGS)
 
 ## Regenerate the Grafana dashboard and the alert rules from deploy/observability.py.
 observability: setup

@@ -347,13 +347,15 @@ def _consumer(settings: Settings) -> AIOKafkaConsumer:
                             max_partition_fetch_bytes=4 * 1024 * 1024)
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    """The topic's partition numbers (empty if it does not exist), from fresh metadata."""
+    cluster = await consumer._client.fetch_all_metadata()        # noqa: SLF001 (no public call returns it)
+    return sorted(cluster.partitions_for_topic(topic) or ())
+
+
 async def _read_whole(consumer: AIOKafkaConsumer, topic: str, on_record) -> None:
     """Every record of `topic` from its start to its current end."""
-    partitions = consumer.partitions_for_topic(topic) or set()
-    if not partitions:
-        await consumer.topics()            # refresh metadata once
-        partitions = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = [TopicPartition(topic, p) for p in await partitions_of(consumer, topic)]
     if not tps:
         return
     ends = await consumer.end_offsets(tps)
@@ -412,13 +414,10 @@ async def plan_range(consumer: AIOKafkaConsumer, settings: Settings, from_ms: in
     tps = []
     for source in SOURCES:
         topic = settings.topic(TOPIC_SETTING[source])
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic)
+        partitions = await partitions_of(consumer, topic)
         if not partitions:
             raise ConfigError(f"topic {topic} does not exist; nothing to replay (check --topic-prefix / TAGSTREAM_TOPIC_PREFIX)")
-        tps += [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps += [TopicPartition(topic, p) for p in partitions]
     beginnings = await consumer.beginning_offsets(tps)
     ends = await consumer.end_offsets(tps)
     at_from = await consumer.offsets_for_times({tp: from_ms for tp in tps})
