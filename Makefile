@@ -43,6 +43,7 @@ test: setup
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: setup
+	deploy/setup-system.sh --with-prometheus
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 test-slow: setup
