@@ -36,6 +36,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections import deque
 from typing import Iterator, Optional
 
 import orjson
@@ -54,6 +55,11 @@ from streams.semantics import (
 log = logging.getLogger(__name__)
 
 
+#: A commit's journal holds every write of the batch in one changelog record; commit before
+#: it nears Kafka's default 1 MB message limit.
+JOURNAL_MAX_BYTES = 256 * 1024
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -66,15 +72,29 @@ class TableStore:
     changelog topic, where Kafka keeps them in order: if a customer's state survived a
     crash, the index entries written before it did too.
 
-    Writes are held in `pending` until `flush()`. The agent flushes only after the step's
-    reports are acknowledged by the broker, so the state can never say "reported" for a
-    report that was lost; a crash in between re-sends instead (duplicates on the topic,
+    Writes are held in `pending` (per partition: the one the agent is working on is
+    `self.partition`) until `flush(partition)`. The agent flushes a batch of steps only after
+    their reports are acknowledged by the broker, so the state can never say "reported" for
+    a report that was lost; a crash in between re-sends instead (duplicates on the topic,
     removed by the sink's acknowledged-id record).
     """
 
     def __init__(self, table):
         self.table = table
-        self.pending: dict[bytes, Optional[bytes]] = {}
+        self.partition = 0
+        self.pending_by_partition: dict[int, dict[bytes, Optional[bytes]]] = {}
+        self.pending_bytes = 0            # an upper bound of the next journals' size
+
+    @property
+    def pending(self) -> dict[bytes, Optional[bytes]]:
+        """Unflushed writes of the current partition."""
+        pending = self.pending_by_partition.get(self.partition)
+        if pending is None:
+            pending = self.pending_by_partition[self.partition] = {}
+        return pending
+
+    def dirty_partitions(self) -> list[int]:
+        return [p for p, pending in self.pending_by_partition.items() if pending]
 
     def _get(self, key: bytes) -> Optional[bytes]:
         if key in self.pending:
@@ -91,14 +111,17 @@ class TableStore:
         self.pending[key] = b"%d" % offset
 
     def flush(self, partition: int) -> None:
-        """Write the pending step to the table: its journal first, then its writes."""
-        if not self.pending:
+        """Write the partition's pending steps to the table: one journal with all their
+        writes first, then the writes."""
+        pending = self.pending_by_partition.pop(partition, None)
+        if not self.pending_by_partition:
+            self.pending_bytes = 0
+        if not pending:
             return
         self.table[b"j:%d" % partition] = orjson.dumps(
             [[key.decode(), None if value is None else value.decode()]
-             for key, value in self.pending.items()])
-        self._write(self.pending.items())
-        self.pending.clear()
+             for key, value in pending.items()])
+        self._write(pending.items())
 
     def replay_journal(self, partition: int) -> int:
         """Complete the last step of `partition` a crash may have cut short (see module
@@ -123,7 +146,9 @@ class TableStore:
         return CustomerState.decode(self._get(b"c:" + key.encode()))
 
     def put_customer(self, key: str, state: CustomerState) -> None:
-        self.pending[b"c:" + key.encode()] = state.encode()
+        encoded = state.encode()
+        self.pending_bytes += len(encoded) + len(key)
+        self.pending[b"c:" + key.encode()] = encoded
 
     def clock(self, partition: int) -> PartitionClock:
         return PartitionClock.decode(self._get(b"k:%d" % partition))
@@ -160,7 +185,8 @@ class CustomerEvents:
 
     def __init__(self, app, *, store: TableStore, replica: RuleReplica, policy: ReportingPolicy,
                  tag_events_topic: str, contact_events_topic: str, merge_wait_ms: int,
-                 conversion_reports, unreportable, dead_letters):
+                 conversion_reports, unreportable, dead_letters, batch_max: int = 500,
+                 batch_linger_ms: int = 50):
         self.app = app
         self.replica = replica
         self.store = store
@@ -178,6 +204,15 @@ class CustomerEvents:
         self.journal_replayed: set[int] = set()  # partitions whose journal was replayed since assignment
         self.lock = asyncio.Lock()          # the agent and the timer take turns
         self.stream = None
+        # Group commit: steps applied since the last commit. Their reports are sent at
+        # once; the broker's acks are awaited, the state flushed and the events acked once
+        # per batch (see `_commit`).
+        self.batch_max = batch_max
+        self.batch_linger_s = batch_linger_ms / 1000
+        self.batch_started: Optional[float] = None
+        self.batch_events: list = []
+        self.batch_deliveries: list = []
+        self.unacked: dict[TP, deque] = {}  # per input partition, received events in offset order
 
     # -- Faust entry points --------------------------------------------------------------
     async def agent(self, stream) -> None:
@@ -189,17 +224,20 @@ class CustomerEvents:
             message = event.message
             async with self.lock:
                 self.seen[message.tp] = message.offset
+                entry = self._receive(event)
                 if self._already_applied(message.tp, message.offset):
                     metrics.EVENTS.labels(message.topic, "redelivered").inc()
-                    await self.stream.ack(event)
+                    await self._finish([entry])
                     continue
                 decoded = self.decoders[message.topic](message.key, message.value)
                 if isinstance(decoded, Rejection):
                     await park(self.dead_letters, message, decoded)
-                    await self.stream.ack(event)
+                    await self._finish([entry])
                     continue
-                self.merge.offer(message.partition, message.topic, decoded.ts, (event, decoded), _now_ms())
+                self.merge.offer(message.partition, message.topic, decoded.ts, (entry, decoded), _now_ms())
                 await self._release(message.partition)
+                if self._batch_full():
+                    await self._commit()
 
     async def tick(self) -> None:
         """Timer: apply events that waited `merge_wait` for the other topic, and release
@@ -214,11 +252,22 @@ class CustomerEvents:
                 if self._idle(partition):
                     with self._applying(partition):
                         result = self.engine.on_idle(partition, wall, wall)
-                    await self._send_then_persist(partition, result, wall)
+                    await self._stage(result, wall)
+            await self._commit()
+
+    async def drain(self) -> None:
+        """Before a graceful stop: commit the open batch, and from now on commit after every
+        event, so a stopped worker leaves nothing applied but unacked (Faust abandons
+        unacked events at shutdown, and a restart would apply them again)."""
+        async with self.lock:
+            self.batch_max = 1
+            await self._commit()
 
     async def on_partitions_revoked(self, revoked) -> None:
         async with self.lock:
+            await self._commit()
             for tp in revoked:
+                self.unacked.pop(tp, None)      # never acked: the new owner consumes them again
                 self.seen.pop(tp, None)
                 self.applied.pop(tp, None)
                 self.merge.forget(tp.partition)
@@ -238,9 +287,11 @@ class CustomerEvents:
         if context is None:
             context = self.contexts[partition] = _PartitionContext(self.tag_events_topic, partition)
         token = _current_event.set(weakref.ref(context))
+        previous, self.store.partition = self.store.partition, partition
         try:
             yield
         finally:
+            self.store.partition = previous
             _current_event.reset(token)
 
     @contextlib.contextmanager
@@ -261,31 +312,72 @@ class CustomerEvents:
         released = list(self.merge.release(partition, caught_up, _now_ms()))
         for cause, count in self.merge.forced.items():
             metrics.MERGE_FORCED.labels(cause).set(count)
-        for event, decoded in released:
+        for entry, decoded in released:
+            event = entry[0]
             now_ms = _now_ms()
             with self._applying(partition):
                 result = self.engine.on_event(partition, decoded, now_ms)
                 self.store.mark_applied(event.message.tp, event.message.offset)
             self.applied[event.message.tp] = event.message.offset
             metrics.EVENTS.labels(event.message.topic, result.outcome).inc()
-            await self._send_then_persist(partition, result, now_ms)
-            await self.stream.ack(event)
+            await self._stage(result, now_ms)
+            self.batch_events.append(entry)
 
-    async def _send_then_persist(self, partition: int, result: StepResult, now_ms: int) -> None:
-        """Send the step's reports, wait until the broker has them, then write the state."""
-        deliveries = []
+    async def _stage(self, result: StepResult, now_ms: int) -> None:
+        """Send a step's reports now (real-time reports are not held back by the batch);
+        their acknowledgements are awaited by `_commit`."""
         for report in result.reports:
-            deliveries.append(await self.conversion_reports.send(
+            self.batch_deliveries.append(await self.conversion_reports.send(
                 key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True))
             metrics.observe_report(report, now_ms)
         for report in result.unreportable:
-            deliveries.append(await self.unreportable.send(
+            self.batch_deliveries.append(await self.unreportable.send(
                 key=report.outer_action_id.encode(), value=orjson.dumps(report.as_wire()), force=True))
             metrics.UNREPORTABLE.labels(report.standard_type, report.reason).inc()
-        if deliveries:
+
+    async def _commit(self) -> None:
+        """End the batch: wait until the broker has every report sent, then write the
+        state of each touched partition (one journal per partition), then ack the events.
+        So the state never says "reported" for a lost report, and Faust never commits an
+        offset whose step is not in the state."""
+        if self.batch_deliveries:
+            deliveries, self.batch_deliveries = self.batch_deliveries, []
             await asyncio.gather(*deliveries)
-        with self._applying(partition):
-            self.store.flush(partition)
+        for partition in self.store.dirty_partitions():
+            with self._applying(partition):
+                self.store.flush(partition)
+        entries, self.batch_events = self.batch_events, []
+        self.batch_started = None
+        await self._finish(entries)
+
+    # Acks go to Faust strictly in offset order per partition. Faust commits the first run of
+    # consecutive acked offsets, and for a partition whose committed offset is 0 or unknown
+    # it does not check that the run starts at the committed offset: acking offset 6 (a dead
+    # letter) while offset 5 waits in the merge buffer could commit past 5 and lose it.
+    def _receive(self, event) -> list:
+        entry = [event, False]                          # [event, done]
+        self.unacked.setdefault(event.message.tp, deque()).append(entry)
+        return entry
+
+    async def _finish(self, entries: list) -> None:
+        """Mark events done, then ack every done event at the head of its partition."""
+        for entry in entries:
+            entry[1] = True
+        for tp in {entry[0].message.tp for entry in entries}:
+            queue = self.unacked.get(tp)
+            while queue and queue[0][1]:
+                await self.stream.ack(queue.popleft()[0])
+
+    def _batch_full(self) -> bool:
+        """Commit at `batch_max` events, after `batch_linger`, or before the journal grows
+        past `JOURNAL_MAX_BYTES` (Kafka's default message limit is 1 MB); the timer commits
+        whatever is left when events stop coming."""
+        if not self.batch_events:
+            return False
+        if self.batch_started is None:
+            self.batch_started = time.monotonic()
+        return (len(self.batch_events) >= self.batch_max or self.store.pending_bytes >= JOURNAL_MAX_BYTES
+                or time.monotonic() - self.batch_started >= self.batch_linger_s)
 
     def _already_applied(self, tp: TP, offset: int) -> bool:
         """Re-delivered after a crash: the state already covers this record."""

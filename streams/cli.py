@@ -154,7 +154,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cmd_worker(args, settings: Settings) -> int:
-    import faust
     try:
         import uvloop
         uvloop.install()
@@ -163,14 +162,14 @@ def cmd_worker(args, settings: Settings) -> int:
     from streams import metrics
     from streams.kafka_admin import ensure_topics
     from streams.local_state import mark_clean, open_local_state
-    from streams.topology import build_topology
+    from streams.topology import DrainingWorker, build_topology
 
     asyncio.run(ensure_topics(settings))
     _logging(settings)
     open_local_state(settings.data_dir)
     metrics.serve(settings.metrics_port)
     topology = build_topology(settings)
-    worker = faust.Worker(topology.app, loglevel=settings.log_level, quiet=True)
+    worker = DrainingWorker(topology.app, topology.before_stop, loglevel=settings.log_level, quiet=True)
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:

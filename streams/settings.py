@@ -88,6 +88,8 @@ class Settings:
     sink_request_timeout: int = _duration(10 * SECOND, "timeout of one Marketing API request (then retried)")
     sink_max_backoff: int = _duration(30 * SECOND, "longest wait between retries of one request")
     sink_metrics_port: int = _setting(9465, "port of the sink's Prometheus /metrics endpoint (0: none)")
+    batch_linger: int = _duration(50, "longest a batch of applied events waits for its group commit (reports are sent at once regardless)")
+    batch_max: int = _setting(500, "most events applied before the worker waits for its reports' acks and writes its state (group commit)")
     metrics_port: int = _setting(9464, "port of the Prometheus /metrics endpoint (0: none)")
     metrics_interval: int = _duration(5 * SECOND, "how often consumer lag, table sizes and held reports are sampled for /metrics")
     log_level: str = _setting("info", "debug, info, warning or error")

@@ -16,7 +16,10 @@ tagstream itself, so no Faust codec runs on the hot path.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 from pathlib import Path
 
 import faust
@@ -29,6 +32,7 @@ from streams.lag import LagMonitor, monitored_groups
 from streams.semantics import ReportingPolicy
 from streams.settings import Settings
 
+log = logging.getLogger(__name__)
 RAW = {"key_serializer": "raw", "value_serializer": "raw"}
 
 
@@ -40,6 +44,7 @@ class Topology:
     sources: dict
     tables: dict
     sinks: dict
+    before_stop: Callable[[], Awaitable[None]]    # run on SIGTERM/SIGINT, before Faust stops
 
     def describe(self) -> str:
         s = self.settings
@@ -115,7 +120,7 @@ def build_topology(settings: Settings) -> Topology:
         app, store=TableStore(reporting_state), replica=replica,
         policy=ReportingPolicy.from_settings(s),
         tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
-        merge_wait_ms=s.merge_wait,
+        merge_wait_ms=s.merge_wait, batch_max=s.batch_max, batch_linger_ms=s.batch_linger,
         conversion_reports=conversion_reports, unreportable=unreportable, dead_letters=dead_letters)
     app.agent(customer_events, name="apply_customer_events")(per_customer.agent)
     app.timer(max(s.merge_wait, 20) / 2000)(per_customer.tick)
@@ -141,7 +146,8 @@ def build_topology(settings: Settings) -> Topology:
         app=app, settings=s, replica=replica,
         sources={k: names[k] for k in ("tag_mappings", "tag_events", "contact_events")},
         tables={"rule_versions": rule_versions, "reporting_state": reporting_state},
-        sinks={k: names[k] for k in ("conversion_reports", "unreportable", "dead_letters")})
+        sinks={k: names[k] for k in ("conversion_reports", "unreportable", "dead_letters")},
+        before_stop=per_customer.drain)
 
 
 def _sync(function):
@@ -150,3 +156,26 @@ def _sync(function):
         function()
     run.__name__ = function.__name__
     return run
+
+
+class DrainingWorker(faust.Worker):
+    """faust.Worker that lets the topology finish its open batch before a signal stops it."""
+
+    def __init__(self, app, before_stop, **kwargs):
+        super().__init__(app, **kwargs)
+        self.before_stop = before_stop
+
+    def _on_sigterm(self) -> None:
+        self._drain_then(super()._on_sigterm)
+
+    def _on_sigint(self) -> None:
+        self._drain_then(super()._on_sigint)
+
+    def _drain_then(self, stop) -> None:
+        async def drain() -> None:
+            try:
+                await asyncio.wait_for(self.before_stop(), timeout=10)
+            except Exception as exc:           # stopping must not hang on a broken broker
+                log.warning("drain before stop failed: %r", exc)
+            stop()
+        asyncio.ensure_future(drain())

@@ -1,0 +1,273 @@
+"""The worker benchmark: tagstream beside a raw-aiokafka passthrough, in the same run.
+
+    .venv/bin/python -m bench.worker                  # full size (make bench)
+    .venv/bin/python -m bench.worker --events 20000 --latency-seconds 5   # CI size
+
+1. **Load.** The product's generator (`streams/loadgen.py`) with many corps (thousands of
+   rule versions), contacts ahead of tags, mostly unmapped tags and repeats. Rules first,
+   then `--events` events go onto fresh topics (4 partitions) as a backlog.
+2. **Ceiling: passthrough.** A raw aiokafka loop over the same two topics: `getmany`, parse
+   with orjson, one dict lookup (the rule), serialize, produce in batches to an output topic
+   with the same partitions, `acks=all`, committing every 2.8 s (Faust's default commit
+   interval). Throughput is events per second from its first to its last record.
+3. **tagstream.** A real `tagstream worker` drains the same backlog (its own group).
+   Throughput as above, from its /metrics. CPU per event and peak RSS from /proc.
+4. **Latency.** With the worker caught up, events arrive at fixed rates (25%, 50% and 80% of
+   the throughput just measured) for `--latency-seconds` each. Latency of each real-time
+   report is the time from its event's `ts` (stamped when produced) to the report's arrival
+   at a consumer of the outbound topic: p50, p99 and max.
+
+Prints a table with the headline figure (tagstream ÷ passthrough) and writes a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from streams.kafka_admin import ensure_topics
+from streams.loadgen import LoadShape, TagTraffic
+from tests.integration.conftest import KAFKA_SH, Pipeline
+
+PARTITIONS = 4
+SHAPE = LoadShape(corps=400, active_customers=20_000, events_per_customer=12)
+
+
+@dataclass
+class Result:
+    events: int
+    passthrough_rate: float = 0.0
+    worker_rate: float = 0.0
+    worker_cpu_us_per_event: float = 0.0
+    worker_peak_rss_mb: float = 0.0
+    rules: int = 0
+    latency: list = field(default_factory=list)     # (offered events/s, n, p50 ms, p99 ms, max ms)
+
+    @property
+    def ratio(self) -> float:
+        return self.worker_rate / self.passthrough_rate if self.passthrough_rate else float("nan")
+
+
+# -- load -------------------------------------------------------------------------------------
+
+def backlog(events: int, seed: int) -> tuple[TagTraffic, list, list]:
+    start = int(time.time() * 1000) - events * SHAPE.mean_gap_ms - 3_600_000
+    traffic = TagTraffic(seed, start_ms=start, shape=SHAPE, run_tag=f"b{seed}")
+    rules = traffic.rules()
+    stream = traffic.events()
+    return traffic, rules, [next(stream) for _ in range(events)]
+
+
+def produce(pipeline: Pipeline, records: list) -> None:
+    pipeline.send(*[(r.topic, r.key, r.value, r.value.get("ts")) for r in records])
+
+
+# -- the passthrough ceiling --------------------------------------------------------------------
+
+async def passthrough(pipeline: Pipeline, rules: list, events: int) -> float:
+    """Raw aiokafka: consume, parse, one lookup, serialize, produce in batches; events/s."""
+    s = pipeline.settings
+    out_topic = s.topic_prefix + "passthrough-out"
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(out_topic, PARTITIONS, 1)])
+    finally:
+        await admin.close()
+    book = {r.key: r.value for r in rules}
+    consumer = AIOKafkaConsumer(s.topic("tag_events_topic"), s.topic("contact_events_topic"),
+                                bootstrap_servers=s.bootstrap_servers, group_id=f"{s.app_id}-passthrough",
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=1)
+    await consumer.start()
+    await producer.start()
+    done, first, last_commit = 0, None, time.monotonic()
+    try:
+        while done < events:
+            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+            if first is None and batches:
+                first = time.monotonic()
+            futures = []
+            for tp, records in batches.items():
+                for record in records:
+                    event = orjson.loads(record.value)
+                    rule = book.get(f"{event['corp_id']}:{event.get('tag_id', '')}")
+                    out = orjson.dumps({"event_id": event["event_id"], "mapped": rule is not None})
+                    futures.append(await producer.send(out_topic, key=record.key, value=out, partition=tp.partition))
+                    done += 1
+            if futures:
+                await asyncio.gather(*futures)
+            if time.monotonic() - last_commit >= 2.8:
+                await consumer.commit()
+                last_commit = time.monotonic()
+        await consumer.commit()
+        return events / (time.monotonic() - first)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+# -- tagstream ---------------------------------------------------------------------------------
+
+def _proc(pid: int) -> tuple[float, float]:
+    """(CPU seconds used, peak RSS in MB) of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    peak = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("VmHWM:"))
+    return cpu, peak / 1024
+
+
+def _applied(worker) -> float:
+    samples = worker.metrics() or {}
+    return sum(v for labels, v in samples.get("tagstream_events_total", {}).items()
+               if "events" in dict(labels).get("topic", ""))
+
+
+def drain(worker, events: int, timeout: float = 1800) -> tuple[float, float]:
+    """Wait until the worker applied `events`; returns (events/s, CPU seconds used)."""
+    first = None
+    cpu_before = _proc(worker.process.pid)[0]
+    deadline = time.monotonic() + timeout
+    while True:
+        assert worker.process.poll() is None, worker.log_tail()
+        assert time.monotonic() < deadline, "the worker did not drain the backlog"
+        applied = _applied(worker)
+        if applied > 0 and first is None:
+            first, first_applied = time.monotonic(), applied
+        if applied >= events:
+            elapsed = time.monotonic() - first
+            return (applied - first_applied) / max(elapsed, 1e-9), _proc(worker.process.pid)[0] - cpu_before
+        time.sleep(0.1)
+
+
+async def latency_run(pipeline: Pipeline, traffic: TagTraffic, rate: float, seconds: float) -> list[float]:
+    """Offer `rate` events/s (ts = now) for `seconds`; latencies (ms) of real-time reports."""
+    s = pipeline.settings
+    reports = AIOKafkaConsumer(s.topic("conversion_reports_topic"), bootstrap_servers=s.bootstrap_servers,
+                               group_id=None, auto_offset_reset="latest")
+    producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=1)
+    await reports.start()
+    await producer.start()
+    await reports.getmany(timeout_ms=500)             # position at the end before offering load
+    latencies: list[float] = []
+    stop = asyncio.Event()
+
+    async def collect() -> None:
+        while not stop.is_set():
+            batches = await reports.getmany(timeout_ms=100)
+            now = time.time() * 1000
+            for records in batches.values():
+                for record in records:
+                    report = orjson.loads(record.value)
+                    if report["mode"] == "realtime":
+                        latencies.append(now - report["event_ts"])
+    collector = asyncio.create_task(collect())
+    traffic.clock = lambda: int(time.time() * 1000)
+    stream = traffic.events()
+    started = time.monotonic()
+    sent = 0
+    try:
+        while time.monotonic() - started < seconds:
+            due = int((time.monotonic() - started) * rate) - sent
+            for _ in range(max(0, due)):
+                record = next(stream)
+                record.value["ts"] = int(time.time() * 1000)
+                await producer.send(s.topic(record.topic + "_topic"), key=record.key.encode(),
+                                    value=orjson.dumps(record.value))
+                sent += 1
+            await asyncio.sleep(0.002)
+        await producer.flush()
+        await asyncio.sleep(2)                        # the last reports arrive
+    finally:
+        stop.set()
+        await collector
+        await reports.stop()
+        await producer.stop()
+    return latencies
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(events: int, latency_seconds: float, work: Path, seed: int = 7) -> Result:
+    subprocess.run([str(KAFKA_SH), "start"], check=True, capture_output=True)
+    traffic, rules, log = backlog(events, seed)
+    pipeline = Pipeline(work, partitions=PARTITIONS, log_level="warning")
+    asyncio.run(ensure_topics(pipeline.settings))
+    result = Result(events=len(log), rules=len(rules))
+    produce(pipeline, rules)
+    produce(pipeline, log)
+    print(f"bench: {len(log):,} events and {len(rules):,} rule versions on the topics", file=sys.stderr, flush=True)
+    result.passthrough_rate = asyncio.run(passthrough(pipeline, rules, len(log)))
+    print(f"bench: passthrough {result.passthrough_rate:,.0f} events/s", file=sys.stderr, flush=True)
+    worker = pipeline.start_worker()
+    try:
+        worker.wait_for_rules(len(rules), timeout=120)
+        result.worker_rate, cpu = drain(worker, len(log))
+        result.worker_cpu_us_per_event = cpu / len(log) * 1e6
+        print(f"bench: tagstream {result.worker_rate:,.0f} events/s", file=sys.stderr, flush=True)
+        for share in (0.25, 0.5, 0.8):
+            rate = share * result.worker_rate
+            latencies = asyncio.run(latency_run(pipeline, traffic, rate, latency_seconds))
+            result.latency.append((share, rate, len(latencies), _percentile(latencies, 0.5),
+                                   _percentile(latencies, 0.99), max(latencies, default=float("nan"))))
+            print(f"bench: {share:.0%} load ({rate:,.0f}/s): p99 {result.latency[-1][4]:.0f} ms",
+                  file=sys.stderr, flush=True)
+        result.worker_peak_rss_mb = _proc(worker.process.pid)[1]
+    finally:
+        pipeline.stop()
+    return result
+
+
+def table(result: Result) -> str:
+    lines = [f"worker benchmark: {result.events:,} events, {result.rules:,} rule versions, {PARTITIONS} partitions, "
+             f"broker on the same machine ({os.cpu_count()} cores)",
+             "",
+             "| measure | value |", "|---|---:|",
+             f"| passthrough ceiling (raw aiokafka) | {result.passthrough_rate:,.0f} events/s |",
+             f"| tagstream worker | {result.worker_rate:,.0f} events/s |",
+             f"| **tagstream ÷ passthrough** | **{result.ratio:.2f}** |",
+             f"| worker CPU per event | {result.worker_cpu_us_per_event:,.0f} µs |",
+             f"| worker peak RSS | {result.worker_peak_rss_mb:,.0f} MiB |",
+             "",
+             "| offered load | events/s | real-time reports | p50 ms | p99 ms | max ms |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for share, rate, n, p50, p99, top in result.latency:
+        lines.append(f"| {share:.0%} of max | {rate:,.0f} | {n:,} | {p50:.1f} | {p99:.1f} | {top:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=300_000, help="backlog size (default 300000)")
+    parser.add_argument("--latency-seconds", type=float, default=20, help="seconds per offered load (default 20)")
+    parser.add_argument("--plot", default="docs/bench.png", help="PNG plot to write (default docs/bench.png)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tagstream-bench-") as work:
+        result = run(args.events, args.latency_seconds, Path(work))
+    print(table(result))
+    if args.plot:
+        from bench.plot import bench_png
+        bench_png(result, Path(args.plot))
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
