@@ -8,7 +8,7 @@ RATE   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow bench-sink bench-replay observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: setup run test test-unit test-slow bench bench-sink bench-replay observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -49,6 +49,11 @@ test-unit: setup
 test-slow: setup
 	deploy/setup-system.sh --with-prometheus
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+## The worker benchmark: tagstream beside a raw-aiokafka passthrough in the same run; table + docs/bench.png.
+bench: setup
+	deploy/setup-system.sh --with-chromium
+	$(BIN)/python -m bench.worker $(BENCH_ARGS)
 
 ## Sink delivery throughput against the local Marketing API, beside the bare-HTTP ceiling.
 bench-sink: setup

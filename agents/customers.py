@@ -14,7 +14,7 @@ State lives in one changelogged table, `reporting_state`, partitioned like the i
 - `h:partition:bucket`        -> [(deadline, customer, type)] due in that minute
 - `o:topic:partition`         -> offset of the last input record applied
 
-- `j:partition`               -> the journal of the last step: every write it made
+- `j:partition`               -> the journal of the last commit: every write it made
 
 The `o:` marker makes application exactly-once per input record: it is written after the
 state it covers (same changelog partition, so Kafka keeps the order), and a record at or
@@ -22,12 +22,15 @@ below it is skipped when Kafka re-delivers it after a crash. Event-id dedupe (SP
 then only has to catch real duplicates from upstream, and its horizon never matters for
 redeliveries.
 
-The `j:` journal makes each step atomic. A step writes several keys (clock, hold-index
-buckets, one or more customers, the marker), and a crash can cut the changelog anywhere in
-between: the index emptied but the customer still holding, say. So a step first writes one
-record holding all its writes, then the writes themselves. The changelog then always ends
-in "all of step k, the journal of step k+1, a prefix of step k+1's writes", and replaying
-the journal when a partition is taken over completes step k+1. Replaying is idempotent.
+The `j:` journal makes each commit atomic. Steps are applied in batches (group commit: the
+reports of every step are sent at once, and once per batch the agent waits for the broker's
+acks, writes the state, then acks the events). A batch writes many keys (clocks, hold-index
+buckets, customers, markers), and a crash can cut the changelog anywhere in between: the
+index emptied but the customer still holding, say. So each commit first writes, per
+partition, one record holding all the batch's writes, then the writes themselves. The
+changelog then always ends in "all of batch k, the journal of batch k+1, a prefix of batch
+k+1's writes", and replaying the journal when a partition is taken over completes batch k+1.
+Replaying is idempotent.
 """
 from __future__ import annotations
 

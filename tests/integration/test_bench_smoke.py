@@ -1,5 +1,5 @@
 """The benchmark harnesses run end to end at a small size, so they cannot rot. No timing is
-asserted: the numbers belong in the README, measured by `make bench-sink`."""
+asserted: the numbers belong in the README, measured by `make bench` and `make bench-sink`."""
 from __future__ import annotations
 
 import subprocess
@@ -14,3 +14,15 @@ def test_sink_benchmark_delivers_every_report_and_prints_its_table(kafka_broker)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "3,000" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| HTTP ceiling (no Kafka)", "| tagstream sink, rate limit 1000000/min"]
+
+
+def test_worker_benchmark_runs_both_sides_and_prints_the_ratio(kafka_broker, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.worker", "--events", "3000", "--latency-seconds", "2",
+                          "--plot", str(tmp_path / "bench.png")], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {line.split(" | ")[0].strip("| *"): line for line in run.stdout.splitlines() if line.startswith("| ")}
+    for name in ("passthrough ceiling (raw aiokafka)", "tagstream worker", "tagstream ÷ passthrough",
+                 "worker CPU per event", "worker peak RSS", "25% of max", "50% of max", "80% of max"):
+        assert name in rows, run.stdout
+    assert (tmp_path / "bench.png").stat().st_size > 0 or "plot skipped" in run.stdout
