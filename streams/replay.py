@@ -408,6 +408,13 @@ class RangePlan:
     def records(self) -> int:
         return sum(self.end[tp] - self.start[tp] for tp in self.start)
 
+    def empty_error(self, settings: Settings, from_ms: int, to_ms: int) -> ConfigError:
+        earliest, latest = self.span
+        span = (f"the topics hold records from {format_time(earliest)} to {format_time(latest)}"
+                if earliest is not None and latest is not None else "the topics are empty")
+        return ConfigError(f"no records between {format_time(from_ms)} and {format_time(to_ms)} on "
+                           f"{settings.topic('tag_events_topic')} or {settings.topic('contact_events_topic')}; {span}")
+
 
 async def plan_range(consumer: AIOKafkaConsumer, settings: Settings, from_ms: int, to_ms: int) -> RangePlan:
     """Offsets of [from, to) on both event topics, with offsets_for_times."""
@@ -433,35 +440,39 @@ async def plan_range(consumer: AIOKafkaConsumer, settings: Settings, from_ms: in
     return RangePlan(start, end, (earliest, latest))
 
 
-async def replay_topics(settings: Settings, replay: Replay, plan: RangePlan, consumer: AIOKafkaConsumer,
-                        from_ms: int, to_ms: int) -> None:
-    """Stream the range through the replay, releasing each partition as it goes."""
-    source_of = {settings.topic(TOPIC_SETTING[s]): s for s in SOURCES}
+async def read_range(consumer: AIOKafkaConsumer, plan: RangePlan, from_ms: int, to_ms: int):
+    """Yield (tp, records with a timestamp in [from, to)) for the planned offsets, and
+    (tp, None) once a partition is read to the end of the range."""
     todo = {tp for tp in plan.start if plan.end[tp] > plan.start[tp]}
     for tp in plan.start:
         if tp not in todo:
-            replay.source_done(source_of[tp.topic], tp.partition)
+            yield tp, None
     consumer.assign(list(plan.start))
     for tp in todo:
         consumer.seek(tp, plan.start[tp])
     while todo:
         batches = await consumer.getmany(*todo, timeout_ms=500, max_records=20_000)
-        touched = set()
         for tp, records in batches.items():
-            source = source_of[tp.topic]
-            for record in records:
-                if record.offset >= plan.end[tp]:
-                    break
-                if from_ms <= record.timestamp < to_ms:
-                    replay.offer(InputRecord(source, tp.partition, record.offset, record.key, record.value,
-                                             f"{tp.topic}/{tp.partition}@{record.offset}"))
-            touched.add(tp.partition)
+            yield tp, [r for r in records if r.offset < plan.end[tp] and from_ms <= r.timestamp < to_ms]
         for tp in list(todo):
             if await consumer.position(tp) >= plan.end[tp]:
                 todo.discard(tp)
-                replay.source_done(source_of[tp.topic], tp.partition)
-        for partition in sorted(touched):
-            replay.release(partition)
+                yield tp, None
+
+
+async def replay_topics(settings: Settings, replay: Replay, plan: RangePlan, consumer: AIOKafkaConsumer,
+                        from_ms: int, to_ms: int) -> None:
+    """Stream the range through the replay, releasing each partition as it goes."""
+    source_of = {settings.topic(TOPIC_SETTING[s]): s for s in SOURCES}
+    async for tp, records in read_range(consumer, plan, from_ms, to_ms):
+        source = source_of[tp.topic]
+        if records is None:
+            replay.source_done(source, tp.partition)
+        else:
+            for record in records:
+                replay.offer(InputRecord(source, tp.partition, record.offset, record.key, record.value,
+                                         f"{tp.topic}/{tp.partition}@{record.offset}"))
+        replay.release(tp.partition)
         if isinstance(replay.output, TopicOutput):
             await replay.output.drain()      # keeps memory flat on long replays
 
@@ -662,12 +673,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
             try:
                 plan = await plan_range(consumer, settings, options.from_ms, options.to_ms)
                 if plan.records == 0:
-                    earliest, latest = plan.span
-                    span = (f"the topics hold records from {format_time(earliest)} to {format_time(latest)}"
-                            if earliest is not None and latest is not None else "the topics are empty")
-                    raise ConfigError(f"no records between {format_time(options.from_ms)} and "
-                                      f"{format_time(options.to_ms)} on {settings.topic('tag_events_topic')} or "
-                                      f"{settings.topic('contact_events_topic')}; {span}")
+                    raise plan.empty_error(settings, options.from_ms, options.to_ms)
                 progress = Progress(plan.records, "replay")
                 replay = Replay(book, policy, output, summary, progress)
                 await replay_topics(settings, replay, plan, consumer, options.from_ms, options.to_ms)
@@ -710,40 +716,23 @@ async def run_archive(settings: Settings, from_ms: int, to_ms: int, out: str) ->
     try:
         plan = await plan_range(consumer, settings, from_ms, to_ms)
         if plan.records == 0:
-            earliest, latest = plan.span
-            span = (f"the topics hold records from {format_time(earliest)} to {format_time(latest)}"
-                    if earliest is not None and latest is not None else "the topics are empty")
-            raise ConfigError(f"no records between {format_time(from_ms)} and {format_time(to_ms)}; {span}")
+            raise plan.empty_error(settings, from_ms, to_ms)
         book, _ = await load_rule_book(settings)
-        for history in book._histories.values():                       # noqa: SLF001
-            for rule in history:
-                book_records.append(archive_line(RULE, f"{rule.corp_id}:{rule.tag_id}".encode(),
-                                                 orjson.dumps(rule.as_wire()), 0, 0, 0))
+        for rule in book.all_rules():
+            book_records.append(archive_line(RULE, f"{rule.corp_id}:{rule.tag_id}".encode(),
+                                             orjson.dumps(rule.as_wire()), 0, 0, 0))
         progress = Progress(plan.records, "archive")
         source_of = {settings.topic(TOPIC_SETTING[s]): s for s in SOURCES}
-        todo = {tp for tp in plan.start if plan.end[tp] > plan.start[tp]}
-        consumer.assign(list(plan.start))
-        for tp in todo:
-            consumer.seek(tp, plan.start[tp])
         with open_archive(out, "wb") as handle:
             for line in book_records:
                 handle.write(line)
             counts["rule"] = len(book_records)
-            while todo:
-                batches = await consumer.getmany(*todo, timeout_ms=500, max_records=20_000)
-                for tp, records in batches.items():
-                    source = source_of[tp.topic]
-                    for record in records:
-                        if record.offset >= plan.end[tp]:
-                            break
-                        if from_ms <= record.timestamp < to_ms:
-                            handle.write(archive_line(source, record.key, record.value, tp.partition,
-                                                      record.offset, record.timestamp))
-                            counts[source] += 1
-                        progress.advance()
-                for tp in list(todo):
-                    if await consumer.position(tp) >= plan.end[tp]:
-                        todo.discard(tp)
+            async for tp, records in read_range(consumer, plan, from_ms, to_ms):
+                for record in records or ():
+                    handle.write(archive_line(source_of[tp.topic], record.key, record.value, tp.partition,
+                                              record.offset, record.timestamp))
+                    counts[source_of[tp.topic]] += 1
+                progress.advance(len(records or ()))
         progress.finish()
     finally:
         await consumer.stop()

@@ -12,7 +12,7 @@ Plain Python: no Faust, no Kafka.
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import orjson
 
@@ -78,6 +78,11 @@ class RuleBook:
         # (ts, +inf) sorts after every version that starts at ts.
         index = bisect.bisect_right(starts, (ts, float("inf"))) - 1
         return self._histories[(corp_id, tag_id)][index] if index >= 0 else None
+
+    def all_rules(self) -> Iterator[ReportingRule]:
+        """Every version of every key (for archives)."""
+        for history in self._histories.values():
+            yield from history
 
     def __len__(self) -> int:
         return len(self._histories)
