@@ -90,7 +90,7 @@ class RuleReplica:
                 batches = await consumer.getmany(timeout_ms=200, max_records=5000)
                 for records in batches.values():
                     for record in records:
-                        self._apply(record.key, record.value)
+                        self.book.apply_changelog(record.key, record.value)
                 metrics.RULE_VERSIONS.set(self.book.versions)
                 if not self.ready.is_set() and await self._caught_up(consumer, startup_end):
                     log.info("rule replica: ready, %d keys, %d versions", len(self.book), self.book.versions)
@@ -113,9 +113,3 @@ class RuleReplica:
                 return False
         return True
 
-    def _apply(self, key: bytes, value: Optional[bytes]) -> None:
-        corp_id, _, tag_id = key.decode().partition(":")
-        if value is None:
-            self.book.delete(corp_id, tag_id)
-        else:
-            self.book.put_history(corp_id, tag_id, decode_history(value))

@@ -10,6 +10,24 @@ import tempfile
 from pathlib import Path
 
 
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(page: str, out: Path, width: int, height: int) -> None:
+    """Render an HTML page to a PNG with headless Chromium."""
+    browser = chromium()
+    if browser is None:
+        raise RuntimeError("chromium is missing: deploy/setup-system.sh --with-chromium")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        page_path = Path(work) / "page.html"
+        page_path.write_text(page)
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--user-data-dir={work}/profile", f"--window-size={width},{height}",
+                        f"--screenshot={out.resolve()}", page_path.as_uri()], check=True, capture_output=True, timeout=120)
+
+
 def _bars(title: str, bars: list[tuple[str, float, str]], unit: str, width: int = 520, height: int = 260) -> str:
     top = max([v for _, v, _ in bars] + [1e-9]) * 1.15
     slot = (width - 60) / max(len(bars), 1)
@@ -29,8 +47,7 @@ def _bars(title: str, bars: list[tuple[str, float, str]], unit: str, width: int 
 
 
 def bench_png(result, out: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+    if chromium() is None:
         print("plot skipped: chromium is missing (deploy/setup-system.sh --with-chromium)")
         return
     charts = [_bars("Throughput (events/s), same run", [
@@ -45,10 +62,4 @@ def bench_png(result, out: Path) -> None:
             + "".join(f"<div style='display:inline-block;margin:6px;border:1px solid #ddd'>{c}</div>" for c in charts)
             + f"<p style='font-size:12px'>CPU {result.worker_cpu_us_per_event:,.0f} µs/event, "
               f"peak RSS {result.worker_peak_rss_mb:,.0f} MiB</p></body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as work:
-        page_path = Path(work) / "bench.html"
-        page_path.write_text(page)
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={work}/profile", "--window-size=1240,360", f"--screenshot={out.resolve()}",
-                        page_path.as_uri()], check=True, capture_output=True, timeout=120)
+    screenshot(page, out, 1240, 360)

@@ -72,12 +72,6 @@ def generated_log(events: int, seed: int) -> tuple[list, list]:
     return rules, [next(stream) for _ in range(events)]
 
 
-def _applied(worker) -> float:
-    samples = worker.metrics()
-    return sum(v for labels, v in (samples or {}).get("tagstream_events_total", {}).items()
-               if "events" in dict(labels).get("topic", ""))
-
-
 def run_live(pipeline: Pipeline, rules: list, events: list) -> float:
     """Process the log with a real worker; returns the steady-state seconds."""
     worker = pipeline.start_worker()
@@ -91,7 +85,7 @@ def run_live(pipeline: Pipeline, rules: list, events: list) -> float:
     while True:
         assert worker.process.poll() is None, worker.log_tail()
         assert time.monotonic() < deadline, "live run did not finish"
-        applied = _applied(worker)
+        applied = worker.events_applied()
         now = time.monotonic()
         if applied > 0 and first is None:
             first = now

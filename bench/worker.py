@@ -129,12 +129,6 @@ def _proc(pid: int) -> tuple[float, float]:
     return cpu, peak / 1024
 
 
-def _applied(worker) -> float:
-    samples = worker.metrics() or {}
-    return sum(v for labels, v in samples.get("tagstream_events_total", {}).items()
-               if "events" in dict(labels).get("topic", ""))
-
-
 def drain(worker, events: int, timeout: float = 1800) -> tuple[float, float]:
     """Wait until the worker applied `events`; returns (events/s, CPU seconds used)."""
     first = None
@@ -143,7 +137,7 @@ def drain(worker, events: int, timeout: float = 1800) -> tuple[float, float]:
     while True:
         assert worker.process.poll() is None, worker.log_tail()
         assert time.monotonic() < deadline, "the worker did not drain the backlog"
-        applied = _applied(worker)
+        applied = worker.events_applied()
         if applied > 0 and first is None:
             first, first_applied = time.monotonic(), applied
         if applied >= events:

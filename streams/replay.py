@@ -50,7 +50,7 @@ from aiokafka.partitioner import murmur2
 from schemas.validation import (
     Rejection, RuleTombstone, decode_contact_event, decode_reporting_rule, decode_tag_event)
 from streams.merge import CoPartitionMerge
-from streams.rulebook import RuleBook, decode_history
+from streams.rulebook import RuleBook
 from streams.semantics import MemoryStore, ReportingEngine, ReportingPolicy, StepResult
 from streams.settings import ConfigError, Settings
 
@@ -379,10 +379,6 @@ async def load_rule_book(settings: Settings) -> tuple[RuleBook, int]:
     consumer = _consumer(settings)
     await consumer.start()
     try:
-        def from_changelog(record) -> None:
-            corp_id, _, tag_id = record.key.decode().partition(":")
-            book.put_history(corp_id, tag_id, decode_history(record.value) if record.value is not None else [])
-
         def from_rules_topic(record) -> None:
             nonlocal records
             rule = decode_reporting_rule(record.key, record.value)
@@ -391,7 +387,8 @@ async def load_rule_book(settings: Settings) -> tuple[RuleBook, int]:
             elif not isinstance(rule, Rejection):
                 book.add(rule)
                 records += 1
-        await _read_whole(consumer, f"{settings.app_id}-rule_versions-changelog", from_changelog)
+        await _read_whole(consumer, f"{settings.app_id}-rule_versions-changelog",
+                          lambda record: book.apply_changelog(record.key, record.value))
         await _read_whole(consumer, settings.topic("tag_mappings_topic"), from_rules_topic)
     finally:
         await consumer.stop()

@@ -62,6 +62,12 @@ class RuleBook:
             self._histories.pop(key, None)
             self._starts.pop(key, None)
 
+    def apply_changelog(self, key: bytes, value: Optional[bytes]) -> None:
+        """One record of the `rule_versions` changelog: `corp_id:tag_id` -> the key's whole
+        encoded history, or a tombstone."""
+        corp_id, _, tag_id = key.decode().partition(":")
+        self.put_history(corp_id, tag_id, decode_history(value) if value is not None else [])
+
     def delete(self, corp_id: str, tag_id: str) -> None:
         """A tombstone: every version of the key is gone."""
         self.put_history(corp_id, tag_id, [])

@@ -39,6 +39,25 @@ def kafka_broker():
         subprocess.run([str(KAFKA_SH), "stop"], check=False)
 
 
+def wait_until(condition, timeout: float, what: str, *processes) -> None:
+    """Poll `condition` until it holds; fail if it times out or one of `processes` (objects
+    with a `.process` Popen) exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for p in processes:
+            assert p.process.poll() is None, f"{what}: a process exited"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def exported_lag(port: int, group: str) -> dict[tuple[str, int], int]:
+    """tagstream_consumer_group_lag of `group` per (topic, partition), from a process's /metrics."""
+    samples = scrape(port) or {}
+    return {(dict(labels)["topic"], int(dict(labels)["partition"])): int(value)
+            for labels, value in samples.get("tagstream_consumer_group_lag", {}).items()
+            if dict(labels)["group"] == group}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +81,12 @@ class WorkerProcess:
 
     def metrics(self) -> Optional[dict]:
         return scrape(self.settings.metrics_port)
+
+    def events_applied(self) -> float:
+        """Tag and contact events this worker has taken in (every outcome), from /metrics."""
+        samples = self.metrics() or {}
+        return sum(v for labels, v in samples.get("tagstream_events_total", {}).items()
+                   if "events" in dict(labels).get("topic", ""))
 
     def wait_for_rules(self, versions: int, timeout: float = 60.0) -> None:
         """Block until the worker's rule book is ready and holds `versions` versions."""

@@ -10,12 +10,11 @@ from __future__ import annotations
 import html
 import json
 import math
-import shutil
-import subprocess
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from bench.plot import screenshot
 
 KEY_PANELS = ["Events processed by outcome", "Reports emitted by type", "Lag in messages", "Lag in seconds",
               "API requests by outcome", "Retries by reason", "Dead letters by reason", "Held delayed reports"]
@@ -69,9 +68,6 @@ def _panel_svg(title: str, series: list, legend: str, start: float, end: float, 
 def render(prometheus_url: str, out: Path, start: float, end: float, group: str) -> None:
     from tests.unit.test_observability import load_observability
     observability = load_observability()
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        raise RuntimeError("chromium is missing: apt-get install chromium")
     specs = {p.title: p for row in observability.ROWS for p in row.panels}
     cells = []
     for title in KEY_PANELS:
@@ -88,10 +84,4 @@ def render(prometheus_url: str, out: Path, start: float, end: float, group: str)
             "<style>.cell{display:inline-block;vertical-align:top;margin:4px;border:1px solid #ddd;padding:4px}"
             "code{display:block;font-size:9px;color:#555;width:610px;overflow:hidden;white-space:nowrap}</style>"
             + "".join(cells) + "</body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as work:
-        page_path = Path(work) / "panels.html"
-        page_path.write_text(page)
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={work}/profile", "--window-size=1300,1400",
-                        f"--screenshot={out}", page_path.as_uri()], check=True, capture_output=True, timeout=120)
+    screenshot(page, out, 1300, 1400)

@@ -39,7 +39,7 @@ import yaml
 
 from streams.observe import scrape, total
 from tests import kafka_io
-from tests.integration.conftest import KAFKA_SH, REPO, Pipeline, SinkProcess, free_port
+from tests.integration.conftest import KAFKA_SH, REPO, Pipeline, SinkProcess, exported_lag, free_port, wait_until
 from tests.logs import generate_log, kafka_partition
 from tests.marketing_api_server import Faults, MarketingApiServer, ServerThread
 from tests.reference_model import reference_reports
@@ -143,22 +143,6 @@ def _tagstream_lag_cli(pipeline: Pipeline, group: str) -> dict[tuple[str, int], 
     return {(c[1], int(c[2])): int(c[5]) for c in (line.split() for line in lines[1:])}
 
 
-def _exported_lag(port: int, group: str) -> dict[tuple[str, int], int]:
-    samples = scrape(port) or {}
-    return {(dict(labels)["topic"], int(dict(labels)["partition"])): int(value)
-            for labels, value in samples.get("tagstream_consumer_group_lag", {}).items()
-            if dict(labels)["group"] == group}
-
-
-def _wait(condition, timeout: float, what: str, *processes) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for p in processes:
-            assert p.process.poll() is None, f"{what}: a process exited"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def _events(log_events: list[dict], timestamp_ms=None) -> list[tuple]:
     out = []
     for e in log_events:
@@ -190,7 +174,7 @@ def test_every_panel_and_alert_query_returns_data_and_lag_matches_kafka(kafka_br
         pipeline.send(*[("tag_mappings", k, v) for k, v in log["rules"]])
         worker.wait_for_rules(len(log["rules"]))
         mappings = {(topic("tag_mappings"), p) for p in range(PARTITIONS)}
-        _wait(lambda: all(_exported_lag(sink.port, pipeline.settings.app_id).get(tp) == 0 for tp in mappings),
+        wait_until(lambda: all(exported_lag(sink.port, pipeline.settings.app_id).get(tp) == 0 for tp in mappings),
               60, "the rules' offsets to be committed", worker, sink)
         prometheus = Prometheus(tmp_path, pipeline.settings.metrics_port, sink.port)
         started = time.time()
@@ -204,12 +188,12 @@ def test_every_panel_and_alert_query_returns_data_and_lag_matches_kafka(kafka_br
             if i % 200 == 0:
                 pipeline.send_raw(*bad[i // 100:i // 100 + 4])
             time.sleep(1.5)
-        _wait(lambda: total(worker.metrics(), "tagstream_events_total", topic=topic("tag_events"))
+        wait_until(lambda: total(worker.metrics(), "tagstream_events_total", topic=topic("tag_events"))
               + total(worker.metrics(), "tagstream_events_total", topic=topic("contact_events")) >= 1000,
               120, "phase 1 to be applied", worker, sink)
         sink_group = f"{pipeline.settings.app_id}-sink"
-        _wait(lambda: total(scrape(sink.port), "tagstream_sink_reports_total", outcome="failed") >= len(rejected)
-              and not any(_exported_lag(sink.port, sink_group).values()),
+        wait_until(lambda: total(scrape(sink.port), "tagstream_sink_reports_total", outcome="failed") >= len(rejected)
+              and not any(exported_lag(sink.port, sink_group).values()),
               120, "phase 1 to be delivered", worker, sink)
         server.faults.retryable_rate = 0.0
         prometheus.wait_for_scrapes({"tagstream-worker"}, more=3)   # the worker's final counts
@@ -229,10 +213,10 @@ def test_every_panel_and_alert_query_returns_data_and_lag_matches_kafka(kafka_br
         group = pipeline.settings.app_id
         ours = {}
         while time.monotonic() - produced_at < 30:
-            before = _exported_lag(sink.port, group)
+            before = exported_lag(sink.port, group)
             theirs = _kafka_consumer_groups(group, {topic(t) for t in ("tag_events", "contact_events", "tag_mappings")})
             cli = _tagstream_lag_cli(pipeline, group)
-            ours = _exported_lag(sink.port, group)
+            ours = exported_lag(sink.port, group)
             if ours == before and {tp: ours.get(tp) for tp in theirs} == theirs:
                 break
             time.sleep(1)

@@ -18,24 +18,11 @@ import pytest
 
 from bench.replay_vs_live import canonical, run, tagstream
 from streams.observe import scrape, total
-from tests.integration.conftest import REPO, SinkProcess
+from tests.integration.conftest import REPO, SinkProcess, exported_lag, wait_until
 from tests.marketing_api_server import MarketingApiServer, ServerThread
 
 EVENTS = int(os.environ.get("TAGSTREAM_REPLAY_EVENTS", "20000"))
 TOKEN = "tok-replay-51d0"
-
-
-def _sink_lag(port: int, group: str) -> float:
-    samples = scrape(port) or {}
-    return sum(v for labels, v in samples.get("tagstream_consumer_group_lag", {}).items()
-               if dict(labels)["group"] == group)
-
-
-def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def test_live_topic_replay_and_archive_replay_agree_and_a_delivered_range_is_not_sent_again(kafka_broker, tmp_path):
@@ -58,8 +45,8 @@ def test_live_topic_replay_and_archive_replay_agree_and_a_delivered_range_is_not
     sink = SinkProcess(pipeline, api.base_url, tmp_path / "token", tmp_path / "sink.log").start()
     sink_group = f"{pipeline.settings.app_id}-sink"
     try:
-        _wait(lambda: len(server.accepted) == len(live), 300, "the live reports to be delivered")
-        _wait(lambda: scrape(sink.port) is not None and _sink_lag(sink.port, sink_group) == 0, 60, "the sink to commit")
+        wait_until(lambda: len(server.accepted) == len(live), 300, "the live reports to be delivered")
+        wait_until(lambda: scrape(sink.port) is not None and not any(exported_lag(sink.port, sink_group).values()), 60, "the sink to commit")
         requests_before = server.requests
 
         run_ = tagstream(pipeline, "replay", *outcome.time_range, "--summary-json", str(tmp_path / "again.json"))
@@ -67,9 +54,9 @@ def test_live_topic_replay_and_archive_replay_agree_and_a_delivered_range_is_not
         assert summary["comparison"] == {"sent_to_topic": len(live), "sink_will_skip_as_delivered": len(live)}
         assert "replayed" in run_.stdout
         # the sink reads every replayed report and skips it as delivered
-        _wait(lambda: total(scrape(sink.port), "tagstream_sink_reports_total", outcome="already_delivered")
+        wait_until(lambda: total(scrape(sink.port), "tagstream_sink_reports_total", outcome="already_delivered")
               >= len(live), 120, "the sink to read the replayed reports")
-        _wait(lambda: _sink_lag(sink.port, sink_group) == 0, 60, "the sink to commit the replayed reports")
+        wait_until(lambda: not any(exported_lag(sink.port, sink_group).values()), 60, "the sink to commit the replayed reports")
         time.sleep(1)
         assert server.requests == requests_before
         assert sum(server.duplicates.values()) == 0 and len(server.accepted) == len(live)

@@ -46,12 +46,6 @@ def _distinct(reports: list[dict]) -> dict[str, dict]:
     return by_id
 
 
-def _events_applied(worker) -> float:
-    samples = worker.metrics()
-    return sum(v for labels, v in (samples or {}).get("tagstream_events_total", {}).items()
-               if "events" in dict(labels).get("topic", ""))
-
-
 # The kill used to lose records about one run in two: Faust drops records fetched while a
 # restarted worker restores its tables and, for a partition with no committed offset yet,
 # never fetches them again (streams/faust_consumer.py). Local RocksDB state left by the
@@ -77,10 +71,10 @@ def test_pipeline_equals_the_reference_model_across_a_worker_kill(kafka_broker, 
         worker = pipeline.start_worker()
         worker.wait_for_rules(len(log["rules"]))
         deadline = time.monotonic() + 120
-        while _events_applied(worker) < len(log["events"]) * 0.4:
+        while worker.events_applied() < len(log["events"]) * 0.4:
             assert time.monotonic() < deadline, worker.log_tail()
             time.sleep(0.05)
-        killed_at = _events_applied(worker)
+        killed_at = worker.events_applied()
         if kill:
             worker.stop(signal.SIGKILL)                  # mid-log, no goodbye
             worker = pipeline.start_worker()

@@ -19,21 +19,13 @@ import pytest
 from streams.kafka_admin import ensure_topics
 from streams.observe import scrape
 from tests import kafka_io
-from tests.integration.conftest import Pipeline, SinkProcess
+from tests.integration.conftest import Pipeline, SinkProcess, wait_until
 from tests.report_samples import sample_reports
 from streams.marketing_api import RETRYABLE_CODES
 from tests.marketing_api_server import Faults, MarketingApiServer, ServerThread
 
 REPORTS = 20_000
 OLD_TOKEN, NEW_TOKEN = "tok-old-5f1d2c", "tok-new-a93e77"
-
-
-def _wait(condition, timeout: float, what: str, sink: SinkProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert sink.process.poll() is None, f"sink exited while waiting for {what}:\n{sink.log_path.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{sink.log_path.read_text()[-3000:]}"
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("kills", [0, 2])
@@ -55,15 +47,15 @@ def test_every_report_reaches_the_api_once_and_every_rejection_is_parked(kafka_b
     metrics_text = ""
     expected = {r["outer_action_id"] for r in reports} - rejected
     try:
-        _wait(lambda: len(server.accepted) > 0, 120, "the first delivery", sink)
+        wait_until(lambda: len(server.accepted) > 0, 120, "the first delivery", sink)
         token_file.write_text(NEW_TOKEN)    # rotated by the operator; the sink reloads it on 11000
         for k in range(kills):
-            _wait(lambda: len(server.accepted) >= (k + 1) * REPORTS // (kills + 1), 300, "progress", sink)
+            wait_until(lambda: len(server.accepted) >= (k + 1) * REPORTS // (kills + 1), 300, "progress", sink)
             sink.stop(signal.SIGKILL)
             sink = SinkProcess(pipeline, api.base_url, token_file, tmp_path / "sink.log").start()
-        _wait(lambda: set(server.accepted) >= expected, 600, "every report", sink)
+        wait_until(lambda: set(server.accepted) >= expected, 600, "every report", sink)
         failures = pipeline.read("report_failures", until=lambda rs: len(rs) >= len(rejected), timeout=120)
-        _wait(lambda: scrape(sink.port) is not None, 30, "metrics", sink)
+        wait_until(lambda: scrape(sink.port) is not None, 30, "metrics", sink)
         import urllib.request
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{sink.port}/metrics").read().decode()
         time.sleep(2)                       # anything sent twice would arrive by now
