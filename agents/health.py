@@ -11,7 +11,7 @@ from streams import metrics
 log = logging.getLogger(__name__)
 
 
-def table_keys(table, partition: int) -> Optional[int]:
+def faust_table_keys(table, partition: int) -> Optional[int]:
     """RocksDB's key estimate for one partition of a Faust table (None if not open here).
     An estimate is free; counting 1M keys exactly would stall the event loop."""
     db = getattr(table.data, "_dbs", {}).get(partition)
@@ -24,10 +24,13 @@ def table_keys(table, partition: int) -> Optional[int]:
 
 
 class WorkerHealth:
-    def __init__(self, app, tables: dict, held_reports, input_topics: list[str]):
-        """`held_reports(partition) -> int` reads the count from the state table."""
+    def __init__(self, app, table_keys: dict, held_reports, input_topics: list[str], restoring=lambda: False):
+        """`table_keys` maps a table's name to `keys(partition) -> Optional[int]`;
+        `held_reports(partition) -> Optional[int]` reads the count from the state table;
+        `restoring()` is True while tagstream's own store restores from its changelog."""
         self.app = app
-        self.tables = tables
+        self.table_keys = table_keys
+        self.restoring = restoring
         self.held_reports = held_reports
         self.input_topics = input_topics
         self.exported_partitions: set[int] = set()
@@ -38,24 +41,27 @@ class WorkerHealth:
     def refresh(self) -> None:
         app = self.app
         metrics.REBALANCING.set(1 if app.rebalancing else 0)
-        metrics.RECOVERING.set(1 if app.in_recovery else 0)
+        recovering = app.in_recovery or self.restoring()
+        metrics.RECOVERING.set(1 if recovering else 0)
         assignment = app.consumer.assignment() if app.consumer else set()
         for topic in self.input_topics:
             metrics.ASSIGNED_PARTITIONS.labels(topic).set(sum(1 for tp in assignment if tp.topic == topic))
         partitions = {tp.partition for tp in assignment if tp.topic == self.input_topics[0]}
         for gone in self.exported_partitions - partitions:
-            for name in self.tables:
+            for name in self.table_keys:
                 _remove(metrics.TABLE_KEYS, name, str(gone))
             _remove(metrics.HELD_REPORTS, str(gone))
         self.exported_partitions = partitions
-        if app.in_recovery:
+        if recovering:
             return                      # tables are being restored; their counts mean nothing yet
         for partition in partitions:
-            for name, table in self.tables.items():
-                keys = table_keys(table, partition)
+            for name, keys_of in self.table_keys.items():
+                keys = keys_of(partition)
                 if keys is not None:
                     metrics.TABLE_KEYS.labels(name, str(partition)).set(keys)
-            metrics.HELD_REPORTS.labels(str(partition)).set(self.held_reports(partition))
+            held = self.held_reports(partition)
+            if held is not None:
+                metrics.HELD_REPORTS.labels(str(partition)).set(held)
 
 
 def _remove(gauge, *labels: str) -> None:

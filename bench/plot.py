@@ -54,7 +54,7 @@ def bench_png(result, out: Path) -> None:
         ("raw aiokafka passthrough", result.passthrough_rate, "#7f7f7f"),
         (f"tagstream ({result.ratio:.2f}×)", result.worker_rate, "#1f77b4")], "/s")]
     latency = []
-    for share, rate, n, p50, p99, top in result.latency:
+    for share, rate, n, p50, p99, top, _ in result.latency:
         latency += [(f"{share:.0%} p50", p50, "#2ca02c"), (f"{share:.0%} p99", p99, "#d62728")]
     charts.append(_bars("Real-time report latency (ms) at offered load", latency, "ms", width=640))
     page = ("<html><body style='font-family:sans-serif;margin:10px'>"

@@ -9,6 +9,10 @@ on the partition its customer's events use. Then a worker starts with an empty d
 directory, as after a crash (`streams/local_state.py` wipes unclean state the same way). The
 harness reports the time from process start until table recovery has finished and every
 partition is assigned, the keys restored (RocksDB's estimate), and the worker's peak RSS.
+
+Then `--events` events of the load generator (bench/worker.py's shape) go through that worker
+as a backlog, so the last rows are throughput and peak RSS with the million customers in
+state and more arriving.
 """
 from __future__ import annotations
 
@@ -23,9 +27,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from bench.worker import _proc
+from bench.worker import SHAPE, _proc, backlog, drain, produce
 from streams.kafka_admin import ensure_topics
-from streams.loadgen import TagTraffic
 from streams.observe import total
 from streams.semantics import CustomerState
 from tests.integration.conftest import KAFKA_SH, Pipeline
@@ -71,12 +74,15 @@ async def seed_changelog(pipeline: Pipeline, customers: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers in state (default 1000000)")
+    parser.add_argument("--events", type=int, default=100_000, help="events to apply after recovery (default 100000; 0: none)")
+    parser.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds (default 1800)")
+    parser.add_argument("--log-level", default="warning", help="the worker's log level (default warning)")
     args = parser.parse_args(argv)
     subprocess.run([str(KAFKA_SH), "start"], check=True, capture_output=True)
     with tempfile.TemporaryDirectory(prefix="tagstream-recovery-") as work:
-        pipeline = Pipeline(Path(work), partitions=PARTITIONS, log_level="warning")
+        pipeline = Pipeline(Path(work), partitions=PARTITIONS, log_level=args.log_level)
         asyncio.run(ensure_topics(pipeline.settings))
-        rules = TagTraffic(1, start_ms=int(time.time() * 1000)).rules()
+        _, rules, log = backlog(args.events, seed=1)
         pipeline.send(*[(r.topic, r.key, r.value) for r in rules])
         seeded = asyncio.run(seed_changelog(pipeline, args.customers))
         started = time.monotonic()
@@ -90,15 +96,25 @@ def main(argv=None) -> int:
                 if samples and assigned >= 2 * PARTITIONS and total(samples, "tagstream_table_recovery_in_progress") == 0 \
                         and keys >= 0.9 * args.customers:
                     break
-                assert time.monotonic() - started < 1800, "recovery did not finish"
+                assert time.monotonic() - started < args.timeout, (
+                    f"recovery did not finish in {args.timeout:.0f} s: keys {keys:,.0f}, assigned {assigned:.0f}, "
+                    f"recovering {total(samples, 'tagstream_table_recovery_in_progress'):.0f}\n{worker.log_tail(400)}")
                 time.sleep(0.2)
             recovered = time.monotonic() - started
             rss = _proc(worker.process.pid)[1]
+            loaded_rate = loaded_rss = None
+            if args.events:
+                produce(pipeline, log)
+                loaded_rate, _ = drain(worker, args.events)
+                loaded_rss = _proc(worker.process.pid)[1]
         finally:
             pipeline.stop()
     print(f"\n| measure | value |\n|---|---:|\n| customers in the changelog | {args.customers:,} |\n"
           f"| seeding the changelog | {seeded:.1f} s |\n| worker start to recovered (empty local state) | "
           f"{recovered:.1f} s |\n| keys restored (RocksDB estimate) | {keys:,.0f} |\n| worker peak RSS | {rss:,.0f} MiB |")
+    if loaded_rate is not None:
+        print(f"| then {args.events:,} events ({SHAPE.active_customers:,} active customers): throughput | "
+              f"{loaded_rate:,.0f} events/s |\n| worker peak RSS after them | {loaded_rss:,.0f} MiB |")
     return 0
 
 

@@ -32,6 +32,60 @@ class RewindingConsumer(faust_aiokafka.Consumer):
                           "earliest offset", len(uncommitted))
 
 
-def install(app) -> None:
-    """Make `app` create a `RewindingConsumer` (call before the app's consumer exists)."""
-    app.transport.Consumer = RewindingConsumer
+
+
+class BatchingConsumer(RewindingConsumer):
+    """Hands whole fetched batches of some topics to one handler, outside Faust's streams.
+
+    Faust delivers every record on its own: a `Message` and an `Event` object, a callback
+    under a lock, a channel queue, the stream iterator, sensors, an ack; on this machine that
+    path alone costs more than a raw aiokafka consumer spends on a record in total (README,
+    "Performance"). For the topics in `batch_topics`, this consumer takes the records as
+    aiokafka fetched them, per partition, and awaits `batch_handler(records)` instead; the
+    handler's `await` is the fetcher's back-pressure. Everything else stays Faust's: the
+    group, the co-partitioned assignment, flow control during rebalances and recovery,
+    seeking, and the commit loop, which commits the handler's `committable` offsets (the
+    next offset to read per partition) instead of acked messages.
+    """
+
+    # set by `install`
+    batch_topics: frozenset = frozenset()
+    batch_handler = None          # async (dict[TP, list[ConsumerRecord]]) -> None
+    committable: dict = {}        # the handler's; never mutated here
+
+    async def _wait_next_records(self, timeout: float):
+        records, active = await super()._wait_next_records(timeout)
+        if not records or not self.batch_topics:
+            return records, active
+        generation = self.app.consumer_generation_id
+        taken = {tp: batch for tp, batch in records.items() if tp.topic in self.batch_topics and batch}
+        for tp in taken:
+            del records[tp]
+        # What Faust's getmany would do with them: drop them while flow is stopped (a
+        # rebalance seeks back to the committed offsets) or for a paused partition.
+        taken = {tp: batch for tp, batch in taken.items()
+                 if active is None or tp in active or tp in self._buffered_partitions}
+        if taken and self.flow_active and generation == self.app.consumer_generation_id:
+            await self.batch_handler(taken)
+            for tp, batch in taken.items():
+                self._read_offset[tp] = batch[-1].offset
+        return records, active
+
+    def _filter_tps_with_pending_acks(self, topics=None):
+        yield from super()._filter_tps_with_pending_acks(topics)
+        for tp in list(self.committable):
+            if tp not in self._acked and (topics is None or tp in topics or tp.topic in topics):
+                yield tp
+
+    def _new_offset(self, tp):
+        if tp.topic not in self.batch_topics:
+            return super()._new_offset(tp)
+        return self.committable.get(tp)
+
+
+def install(app, *, batch_topics=(), batch_handler=None, committable=None) -> None:
+    """Make `app` create a `BatchingConsumer` that hands `batch_topics` to `batch_handler`
+    and commits `committable` for them (call before the app's consumer exists)."""
+    app.transport.Consumer = type("BatchingConsumer", (BatchingConsumer,), {
+        "batch_topics": frozenset(batch_topics), "batch_handler": batch_handler,
+        "committable": committable if committable is not None else {}})

@@ -8,6 +8,11 @@ Streams solves this with its `.checkpoint` file, which exists only after a clean
 tagstream does the same: a `CLEAN` marker is written when the worker exits cleanly and
 removed when it starts. A start without the marker wipes the local tables, and Faust
 restores them from the changelog, the one source of truth.
+
+tagstream's own store (`streams/state_store.py`, directory `reporting_state`) is exempt: it
+writes RocksDB only after the changelog acknowledged the same writes, with the changelog
+offset in the same atomic write, so whatever a crash leaves of it is a true prefix of the
+changelog, and a restart reads only what follows.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MARKER = "CLEAN"
+CRASH_CONSISTENT = {"reporting_state"}
 
 
 def open_local_state(data_dir: str) -> bool:
@@ -25,7 +31,7 @@ def open_local_state(data_dir: str) -> bool:
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     marker = root / MARKER
-    tables = [p for p in root.iterdir() if p.name != MARKER]
+    tables = [p for p in root.iterdir() if p.name != MARKER and p.name not in CRASH_CONSISTENT]
     wiped = False
     if tables and not marker.exists():
         log.warning("local state in %s was not closed cleanly: wiping it; tables are restored "

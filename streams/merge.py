@@ -94,6 +94,13 @@ class CoPartitionMerge(Generic[Item]):
         if merge is not None:
             yield from merge.release(caught_up, now_ms, self.max_wait_ms, self.max_buffered, self.forced)
 
+    def oldest(self, partition: int, source: Hashable) -> Optional[Item]:
+        """The first item of `source` still buffered for `partition` (None if none)."""
+        merge = self.partitions.get(partition)
+        if merge is None or not merge.buffers[source]:
+            return None
+        return merge.buffers[source][0].item
+
     def waiting_partitions(self) -> list[int]:
         return [p for p, merge in self.partitions.items() if len(merge)]
 

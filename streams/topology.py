@@ -3,9 +3,9 @@
     tag-mappings ──▶ fold_rule_versions ──▶ [rule_versions] ──changelog──▶ RuleReplica
                                                                     (every worker)
                                                                          │ rule_as_of(key, ts)
-    tag-events ─────┐                                                    ▼
+    tag-events ─────┐  fetched batches                                   ▼
                     ├─ merged by ts ─▶ apply_customer_events ◀──▶ [reporting_state]
-    contact-events ─┘                        │
+    contact-events ─┘                        │                     (streams/state_store.py)
                                              ├──▶ conversion-reports
                                              ├──▶ unreportable
     bad input (any source) ──────────────────┴──▶ dead-letters
@@ -13,27 +13,36 @@
 `tagstream topology` prints this with the real topic names. All records are raw bytes at
 the Faust layer (`raw` codecs everywhere) and are encoded and decoded with orjson by
 tagstream itself, so no Faust codec runs on the hot path.
+
+Faust runs the group (co-partitioned assignment, rebalances, offset commits), the rules
+agent and its table, and the timers. The hot path skips Faust's per-record machinery: the
+consumer hands `apply_customer_events` whole fetched batches (streams/faust_consumer.py),
+and `reporting_state` is committed and restored in batches (streams/state_store.py);
+README "Performance" has the profiles behind this.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Awaitable, Callable
 from pathlib import Path
 
 import faust
 
-from agents.customers import CustomerEvents, TableStore
-from agents.health import WorkerHealth
+from agents.customers import CustomerEvents
+from agents.health import WorkerHealth, faust_table_keys
 from agents.rules import RuleReplica, fold_rule_versions
 from streams import faust_consumer
 from streams.lag import LagMonitor, monitored_groups
 from streams.semantics import ReportingPolicy
 from streams.settings import Settings
+from streams.state_store import ChangeloggedStore
 
 log = logging.getLogger(__name__)
 RAW = {"key_serializer": "raw", "value_serializer": "raw"}
+REPORTING_STATE = "reporting_state"
 
 
 @dataclass
@@ -51,14 +60,13 @@ class Topology:
         lines = [f"tagstream topology (app id {s.app_id}, broker {s.broker})", "sources:"]
         lines += [f"  {name:<16} {t}" for name, t in self.sources.items()]
         lines.append("state stores (changelogged, RocksDB):")
-        lines += [f"  {name:<16} changelog {t.changelog_topic.get_topic_name()}"
-                  for name, t in self.tables.items()]
+        lines += [f"  {name:<16} changelog {changelog}" for name, changelog in self.tables.items()]
         lines.append("processors:")
         lines += [
             f"  fold_rule_versions     {self.sources['tag_mappings']} -> rule_versions",
             "  RuleReplica            rule_versions changelog (all partitions, no group) -> rule book",
             f"  apply_customer_events  {self.sources['tag_events']} + {self.sources['contact_events']}"
-            f" (merged by ts) -> reporting_state,"
+            f" (fetched batches, merged by ts) -> reporting_state,"
             f" {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
             "  WorkerHealth           rebalances, recovery, table sizes, held reports -> /metrics",
             "  LagMonitor             committed offsets of the worker and sink groups (no group) -> /metrics",
@@ -92,8 +100,6 @@ def build_topology(settings: Settings) -> Topology:
         broker_heartbeat_interval=max(s.session_timeout / 3000, 0.5),
         web_enabled=False,            # metrics are served by prometheus_client instead
     )
-    faust_consumer.install(app)       # records fetched during recovery are never skipped
-
     # -- sources -------------------------------------------------------------------------
     names = {key: s.topic(key + "_topic") for key in (
         "tag_mappings", "tag_events", "contact_events",
@@ -103,26 +109,28 @@ def build_topology(settings: Settings) -> Topology:
 
     # -- state stores --------------------------------------------------------------------
     rule_versions = app.Table("rule_versions", partitions=s.partitions, key_type=bytes, value_type=bytes)
-    # customers, partition clocks and the hold index, under prefixed keys (agents/customers.py)
-    reporting_state = app.Table("reporting_state", partitions=s.partitions, key_type=bytes, value_type=bytes)
-
-    # -- sinks ---------------------------------------------------------------------------
-    conversion_reports = app.topic(names["conversion_reports"], **RAW)
-    unreportable = app.topic(names["unreportable"], **RAW)
-    dead_letters = app.topic(names["dead_letters"], **RAW)
+    # customers, partition clocks and the hold index, under prefixed keys (agents/customers.py),
+    # in a store written and restored in batches (streams/state_store.py)
+    reporting_state = ChangeloggedStore(
+        str(Path(s.data_dir) / REPORTING_STATE), f"{s.app_id}-{REPORTING_STATE}-changelog",
+        s.bootstrap_servers, producer=None)
 
     # -- processors ----------------------------------------------------------------------
     replica = RuleReplica(s.bootstrap_servers, rule_versions.changelog_topic.get_topic_name(), s.partitions)
     app.task(replica.run)
     app.agent(tag_mappings, name="fold_rule_versions")(
-        fold_rule_versions(rule_versions, dead_letters))
+        fold_rule_versions(rule_versions, app.topic(names["dead_letters"], **RAW)))
     per_customer = CustomerEvents(
-        app, store=TableStore(reporting_state), replica=replica,
+        app, store=reporting_state, bootstrap_servers=s.bootstrap_servers, replica=replica,
         policy=ReportingPolicy.from_settings(s),
         tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
         merge_wait_ms=s.merge_wait, batch_max=s.batch_max, batch_linger_ms=s.batch_linger,
-        conversion_reports=conversion_reports, unreportable=unreportable, dead_letters=dead_letters)
-    app.agent(customer_events, name="apply_customer_events")(per_customer.agent)
+        conversion_reports_topic=names["conversion_reports"], unreportable_topic=names["unreportable"],
+        dead_letters_topic=names["dead_letters"])
+    # apply_customer_events: the consumer hands it whole fetched batches of both event topics
+    app.topics.add(customer_events)
+    faust_consumer.install(app, batch_topics=customer_events.topics, batch_handler=per_customer.on_records,
+                           committable=per_customer.committable)
     app.timer(max(s.merge_wait, 20) / 2000)(per_customer.tick)
 
     @app.on_partitions_revoked.connect
@@ -130,8 +138,10 @@ def build_topology(settings: Settings) -> Topology:
         await per_customer.on_partitions_revoked(revoked)
 
     # -- observability (metrics on settings.metrics_port) ----------------------------------
-    health = WorkerHealth(app, {"reporting_state": reporting_state, "rule_versions": rule_versions},
-                          per_customer.held_reports, [names["tag_events"], names["contact_events"]])
+    health = WorkerHealth(
+        app, {"reporting_state": per_customer.state_keys, "rule_versions": partial(faust_table_keys, rule_versions)},
+        per_customer.held_reports, [names["tag_events"], names["contact_events"]],
+        restoring=lambda: reporting_state.restoring)
     app.timer(s.metrics_interval / 1000)(_sync(health.refresh))
 
     @app.on_partitions_assigned.connect
@@ -145,7 +155,8 @@ def build_topology(settings: Settings) -> Topology:
     return Topology(
         app=app, settings=s, replica=replica,
         sources={k: names[k] for k in ("tag_mappings", "tag_events", "contact_events")},
-        tables={"rule_versions": rule_versions, "reporting_state": reporting_state},
+        tables={"rule_versions": rule_versions.changelog_topic.get_topic_name(),
+                REPORTING_STATE: reporting_state.changelog_topic},
         sinks={k: names[k] for k in ("conversion_reports", "unreportable", "dead_letters")},
         before_stop=per_customer.drain)
 

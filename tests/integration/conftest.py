@@ -72,8 +72,8 @@ class WorkerProcess:
         self.log_path = log_path
         self.process: Optional[subprocess.Popen] = None
 
-    def start(self) -> "WorkerProcess":
-        env = {**os.environ, **self.settings.to_environ()}
+    def start(self, env: Optional[dict] = None) -> "WorkerProcess":
+        env = {**os.environ, **self.settings.to_environ(), **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=REPO,
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -129,8 +129,9 @@ class Pipeline:
     def topic(self, name: str) -> str:
         return self.settings.topic(name + "_topic")
 
-    def start_worker(self) -> WorkerProcess:
-        worker = WorkerProcess(self.settings, self.tmp_dir / f"worker-{len(self.workers)}.log").start()
+    def start_worker(self, env: Optional[dict] = None) -> WorkerProcess:
+        """A worker on this pipeline's settings; `env` adds variables (e.g. TAGSTREAM_FAILPOINT)."""
+        worker = WorkerProcess(self.settings, self.tmp_dir / f"worker-{len(self.workers)}.log").start(env)
         self.workers.append(worker)
         return worker
 

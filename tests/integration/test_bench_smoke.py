@@ -29,10 +29,12 @@ def test_worker_benchmark_runs_both_sides_and_prints_the_ratio(kafka_broker, tmp
 
 
 def test_recovery_benchmark_restores_every_seeded_customer(kafka_broker):
-    run = subprocess.run([sys.executable, "-m", "bench.recovery", "--customers", "5000"], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "bench.recovery", "--customers", "5000", "--events", "3000"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1].strip(" |") for line in run.stdout.splitlines()
             if line.startswith("| ") and " | " in line}
     assert rows["customers in the changelog"] == "5,000"
     assert int(rows["keys restored (RocksDB estimate)"].replace(",", "")) >= 4_500
+    assert any(name.startswith("then 3,000 events") for name in rows), run.stdout
+    assert "worker peak RSS after them" in rows, run.stdout

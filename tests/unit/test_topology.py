@@ -5,7 +5,7 @@ from streams.topology import build_topology
 
 def test_every_topic_and_table_moves_raw_bytes(tmp_path):
     topology = build_topology(Settings.load(overrides={"data_dir": str(tmp_path)}, environ={}))
-    for table in topology.tables.values():
+    for table in topology.app.tables.values():      # Faust tables (rule_versions)
         assert (table.key_serializer, table.value_serializer) == ("raw", "raw")
     for topic in topology.app.topics:
         assert topic.key_serializer in ("raw", None) and topic.value_serializer in ("raw", None)

@@ -1,0 +1,45 @@
+"""Failpoints: crash the worker at an exact point of its commit path, for crash tests.
+
+A SIGKILL sent from outside lands wherever the worker happens to be; a fast worker often
+finishes a small log between two looks at it. A failpoint makes the crash land where it
+hurts most: with reports sent but no state written, with the changelog written but local
+state not, and so on. `TAGSTREAM_FAILPOINT=name:n` makes the worker SIGKILL itself the n-th
+time it reaches `failpoint(name)`, which is exactly what an outside SIGKILL at that moment
+would do. Unset (always, outside tests), a failpoint costs one comparison.
+
+Names (agents/customers.py, `_make_durable`):
+- `reports-acked`:   the batch's reports are on the broker; its state is not.
+- `changelog-sent`:  the state's changelog records are handed to the producer, not acked.
+- `changelog-acked`: the changelog has the state; local RocksDB does not.
+- `state-durable`:   state is durable; Faust may not commit the offsets yet.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+NAMES = ("reports-acked", "changelog-sent", "changelog-acked", "state-durable")
+
+
+def _parse(spec: Optional[str]) -> Optional[tuple[str, int]]:
+    if not spec:
+        return None
+    name, _, count = spec.partition(":")
+    if name not in NAMES or not count.isdigit() or int(count) < 1:
+        raise SystemExit(f"tagstream: error: TAGSTREAM_FAILPOINT={spec!r}: use NAME:N with NAME one of "
+                         f"{', '.join(NAMES)} and N >= 1 (or unset it)")
+    return name, int(count)
+
+
+_armed = _parse(os.environ.get("TAGSTREAM_FAILPOINT"))
+_hits = 0
+
+
+def failpoint(name: str) -> None:
+    global _hits
+    if _armed is None or _armed[0] != name:
+        return
+    _hits += 1
+    if _hits >= _armed[1]:
+        os.kill(os.getpid(), signal.SIGKILL)

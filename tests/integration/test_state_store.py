@@ -1,0 +1,97 @@
+"""The worker's changelogged store (streams/state_store.py) on the real broker: commits
+survive into a fresh store, a kept store reads only what came after its offset, and a
+commit cut short in the changelog is completed by the next restore."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from streams.state_store import ChangeloggedStore, commit_records
+from tests.kafka_io import BOOTSTRAP
+
+PARTITIONS = 4
+
+
+async def _changelog() -> str:
+    topic = f"it-store-{uuid.uuid4().hex[:8]}-changelog"
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, PARTITIONS, 1, topic_configs={"cleanup.policy": "compact"})])
+    finally:
+        await admin.close()
+    return topic
+
+
+def _contents(store: ChangeloggedStore, partition: int) -> dict:
+    return {k: v for k, v in store._db(partition).items() if not k.startswith(b"\x00")}
+
+
+def _run(scenario) -> None:
+    async def main() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", enable_idempotence=True)
+        await producer.start()
+        try:
+            await scenario(producer, await _changelog())
+        finally:
+            await producer.stop()
+    asyncio.run(main())
+
+
+def test_committed_state_is_restored_whole_into_fresh_stores_every_time(kafka_broker, tmp_path):
+    async def scenario(producer, topic):
+        writer = ChangeloggedStore(str(tmp_path / "writer"), topic, BOOTSTRAP, producer)
+        for n in range(2_000):
+            writer.stage(n % PARTITIONS, b"c:%d" % n, b"state-%d" % n)
+        writer.stage(1, b"c:1", None)                               # a delete
+        assert await writer.commit() == PARTITIONS
+        expected = {p: _contents(writer, p) for p in range(PARTITIONS)}
+        assert sum(map(len, expected.values())) == 1_999
+        # Repeated, because a restore once lost a whole partition about half the time: the
+        # consumer's own position reset raced the seek (fixed in ChangeloggedStore.restore).
+        for attempt in range(6):
+            fresh = ChangeloggedStore(str(tmp_path / f"fresh-{attempt}"), topic, BOOTSTRAP, producer)
+            assert await fresh.restore(range(PARTITIONS)) == 2_000 + PARTITIONS   # + one journal each
+            assert {p: _contents(fresh, p) for p in range(PARTITIONS)} == expected
+            fresh.close()
+    _run(scenario)
+
+
+def test_a_kept_store_reads_only_what_follows_its_offset(kafka_broker, tmp_path):
+    async def scenario(producer, topic):
+        owner = ChangeloggedStore(str(tmp_path / "owner"), topic, BOOTSTRAP, producer)
+        owner.stage(0, b"c:a", b"1")
+        await owner.commit()
+        other = ChangeloggedStore(str(tmp_path / "other"), topic, BOOTSTRAP, producer)
+        assert await other.restore([0]) == 2
+        # the partition moves back to the owner, after `other` committed two more keys
+        other.stage(0, b"c:b", b"2")
+        other.stage(0, b"c:a", b"3")
+        await other.commit()
+        assert await owner.restore([0]) == 3                       # journal + two writes, no more
+        assert _contents(owner, 0) == {b"c:a": b"3", b"c:b": b"2"}
+        assert await owner.restore([0]) == 0
+    _run(scenario)
+
+
+def test_a_commit_cut_short_in_the_changelog_is_completed_by_the_next_restore(kafka_broker, tmp_path):
+    async def scenario(producer, topic):
+        before = ChangeloggedStore(str(tmp_path / "before"), topic, BOOTSTRAP, producer)
+        before.stage(2, b"c:x", b"old")
+        before.stage(2, b"h:2:7", b"[[1,\"x\",\"INVALID\"]]")
+        await before.commit()
+        # a worker dies after the journal and one write of its next commit reached the broker
+        commit = {b"c:x": b"new", b"h:2:7": None, b"k:2": b"clock"}
+        for key, value in commit_records(commit)[:2]:
+            await (await producer.send(topic, key=key, value=value, partition=2))
+        restored = ChangeloggedStore(str(tmp_path / "restored"), topic, BOOTSTRAP, producer)
+        await restored.restore([2])
+        assert _contents(restored, 2) == {b"c:x": b"new", b"k:2": b"clock"}
+        # and the completion went to the changelog too: a later restore from scratch agrees
+        again = ChangeloggedStore(str(tmp_path / "again"), topic, BOOTSTRAP, producer)
+        await again.restore([2])
+        assert _contents(again, 2) == _contents(restored, 2)
+    _run(scenario)
