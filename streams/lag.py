@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -177,3 +178,15 @@ class LagMonitor:
                 await asyncio.sleep(interval_s)
         finally:
             await self.stop()
+
+
+def run_in_thread(bootstrap_servers: str, groups: dict[str, list[str]], interval_s: float) -> threading.Thread:
+    """Run a `LagMonitor` on its own event loop in a daemon thread. In the worker, a lag
+    sample (admin requests, a fetch per lagging partition) used to hold the event loop for
+    tens of milliseconds every interval, which showed in real-time latency's p99; in a
+    thread it only takes GIL slices."""
+    def run() -> None:
+        asyncio.run(LagMonitor(bootstrap_servers, groups).run(interval_s))
+    thread = threading.Thread(target=run, name="tagstream-lag", daemon=True)
+    thread.start()
+    return thread

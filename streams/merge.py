@@ -27,11 +27,8 @@ from typing import Callable, Generic, Hashable, Iterator, Optional, TypeVar
 Item = TypeVar("Item")
 
 
-@dataclass
-class _Head(Generic[Item]):
-    ts: int
-    arrived_ms: int
-    item: Item
+# A buffered head: (ts, arrived_ms, item). A tuple, not an object: this is per event.
+TS, ARRIVED, ITEM = 0, 1, 2
 
 
 @dataclass
@@ -44,7 +41,7 @@ class PartitionMerge(Generic[Item]):
         self.buffers = {source: deque() for source in self.sources}
 
     def offer(self, source: Hashable, ts: int, item: Item, now_ms: int) -> None:
-        self.buffers[source].append(_Head(ts, now_ms, item))
+        self.buffers[source].append((ts, now_ms, item))
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.buffers.values())
@@ -54,7 +51,7 @@ class PartitionMerge(Generic[Item]):
         """Yield the items that may be applied now, in merge order. Heads released before
         the other topic is known to be caught up are counted in `forced`, by cause."""
         while True:
-            heads = [(b[0].ts, rank, source) for rank, (source, b) in
+            heads = [(b[0][TS], rank, source) for rank, (source, b) in
                      enumerate(self.buffers.items()) if b]
             if not heads:
                 return
@@ -66,11 +63,11 @@ class PartitionMerge(Generic[Item]):
                 if not all(states):
                     if len(self) > max_buffered:
                         forced["max_buffered"] += 1
-                    elif None in states and False not in states and now_ms - head.arrived_ms >= max_wait_ms:
+                    elif None in states and False not in states and now_ms - head[ARRIVED] >= max_wait_ms:
                         forced["max_wait"] += 1
                     else:
                         return
-            yield self.buffers[source].popleft().item
+            yield self.buffers[source].popleft()[ITEM]
 
 
 class CoPartitionMerge(Generic[Item]):
@@ -99,7 +96,7 @@ class CoPartitionMerge(Generic[Item]):
         merge = self.partitions.get(partition)
         if merge is None or not merge.buffers[source]:
             return None
-        return merge.buffers[source][0].item
+        return merge.buffers[source][0][ITEM]
 
     def waiting_partitions(self) -> list[int]:
         return [p for p, merge in self.partitions.items() if len(merge)]
@@ -108,4 +105,4 @@ class CoPartitionMerge(Generic[Item]):
         """Drop a revoked partition's buffer (its records were never acked, so they will be
         consumed again by whoever owns the partition next)."""
         merge = self.partitions.pop(partition, None)
-        return [head.item for buffer in (merge.buffers.values() if merge else ()) for head in buffer]
+        return [head[ITEM] for buffer in (merge.buffers.values() if merge else ()) for head in buffer]

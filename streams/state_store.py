@@ -168,7 +168,7 @@ class ChangeloggedStore:
             acked.append((partition, records, last_offset))
         failpoint("changelog-acked")
         for partition, records, last_offset in acked:
-            self._write_local(partition, records, last_offset)
+            self._write_local(partition, commit[partition].items(), last_offset)
         self.in_flight.popleft()
 
     async def commit(self) -> int:
@@ -199,11 +199,13 @@ class ChangeloggedStore:
         return deliveries
 
     def _write_local(self, partition: int, records: Iterable[Write], last_offset: int) -> None:
+        """Apply changelog records and the offset they reach in one atomic RocksDB write.
+        Journals are not kept locally: a restore reads the last one from the changelog."""
         batch = WriteBatch(raw_mode=True)
         for key, value in records:
             if value is None:
                 batch.delete(key)
-            else:
+            elif key != JOURNAL_KEY:
                 batch.put(key, value)
         batch.put(OFFSET_KEY, b"%d" % last_offset)
         self._db(partition).write(batch)

@@ -35,7 +35,7 @@ from agents.customers import CustomerEvents
 from agents.health import WorkerHealth, faust_table_keys
 from agents.rules import RuleReplica, fold_rule_versions
 from streams import faust_consumer
-from streams.lag import LagMonitor, monitored_groups
+from streams.lag import monitored_groups, run_in_thread as run_lag_monitor
 from streams.semantics import ReportingPolicy
 from streams.settings import Settings
 from streams.state_store import ChangeloggedStore
@@ -149,7 +149,7 @@ def build_topology(settings: Settings) -> Topology:
         health.on_assigned()
 
     async def export_consumer_lag() -> None:
-        await LagMonitor(s.bootstrap_servers, monitored_groups(s)).run(s.metrics_interval / 1000)
+        run_lag_monitor(s.bootstrap_servers, monitored_groups(s), s.metrics_interval / 1000)
     app.task(export_consumer_lag)
 
     return Topology(
