@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                 loaded_rate, _ = drain(worker, args.events)
                 loaded_rss = _proc(worker.process.pid)[1]
         finally:
-            pipeline.stop()
+            pipeline.stop(delete_topics=True)
     print(f"\n| measure | value |\n|---|---:|\n| customers in the changelog | {args.customers:,} |\n"
           f"| seeding the changelog | {seeded:.1f} s |\n| worker start to recovered (empty local state) | "
           f"{recovered:.1f} s |\n| keys restored (RocksDB estimate) | {keys:,.0f} |\n| worker peak RSS | {rss:,.0f} MiB |")

@@ -145,7 +145,7 @@ def drain(worker, events: int, timeout: float = 1800) -> tuple[float, float]:
         if applied >= events:
             elapsed = time.monotonic() - first
             return (applied - first_applied) / max(elapsed, 1e-9), _proc(worker.process.pid)[0] - cpu_before
-        time.sleep(0.1)
+        time.sleep(0.25)            # each look is a /metrics scrape, which costs the worker CPU
 
 
 async def latency_run(pipeline: Pipeline, traffic: TagTraffic, rate: float, seconds: float) -> list[tuple]:
@@ -248,7 +248,7 @@ def run(events: int, latency_seconds: float, work: Path, seed: int = 7) -> Resul
                   file=sys.stderr, flush=True)
         result.worker_peak_rss_mb = _proc(worker.process.pid)[1]
     finally:
-        pipeline.stop()
+        pipeline.stop(delete_topics=True)
     return result
 
 

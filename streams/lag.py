@@ -101,12 +101,15 @@ class LagMonitor:
     async def sample(self, with_age: bool = True) -> list[PartitionLag]:
         """One consistent-enough snapshot: committed offsets first, then log ends (so a
         commit racing the sample can only make lag look larger, never negative)."""
-        existing = set(await self.admin.list_topics())
-        topics = sorted({t for ts in self.groups.values() for t in ts if t in existing})
+        # Metadata of the monitored topics only: a cluster's full metadata (list_topics) can
+        # be thousands of topics, and parsing it every interval cost the worker real CPU.
+        wanted = sorted({t for ts in self.groups.values() for t in ts})
+        described = await self.admin.describe_topics(wanted)
+        partitions = {d["topic"]: sorted(p["partition"] for p in d["partitions"])
+                      for d in described if d["error_code"] == 0 and d["partitions"]}
+        topics = sorted(partitions)
         if not topics:
             return []
-        described = await self.admin.describe_topics(topics)
-        partitions = {d["topic"]: sorted(p["partition"] for p in d["partitions"]) for d in described}
         committed = {group: await self.admin.list_consumer_group_offsets(group) for group in self.groups}
         tps = [TopicPartition(t, p) for t in topics for p in partitions.get(t, [])]
         starts = await self.consumer.beginning_offsets(tps)

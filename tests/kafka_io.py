@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 BOOTSTRAP = "127.0.0.1:9092"
 
@@ -63,3 +64,18 @@ def read_topic(topic: str, partitions: int, until: Callable[[list], bool] = lamb
             await consumer.stop()
     return asyncio.run(run())
 
+
+
+def delete_topics_with_prefix(prefix: str) -> None:
+    """Delete every topic whose name starts with `prefix` (a test's own topics). Every
+    client that refreshes full cluster metadata pays for each topic left behind."""
+    async def run() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        await admin.start()
+        try:
+            doomed = [t for t in await admin.list_topics() if t.startswith(prefix)]
+            if doomed:
+                await admin.delete_topics(doomed)
+        finally:
+            await admin.close()
+    asyncio.run(run())

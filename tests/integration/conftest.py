@@ -145,9 +145,13 @@ class Pipeline:
     def read(self, topic: str, until=lambda records: False, timeout: float = 30.0, settle: float = 0.0) -> list:
         return kafka_io.read_topic(self.topic(topic), self.settings.partitions, until, timeout, settle)
 
-    def stop(self) -> None:
+    def stop(self, delete_topics: bool = False) -> None:
+        """Stop the workers; `delete_topics` also deletes this pipeline's topics (benchmarks:
+        every client that refreshes full cluster metadata pays for each topic left behind)."""
         for worker in self.workers:
             worker.stop()
+        if delete_topics:
+            kafka_io.delete_topics_with_prefix(self.settings.app_id)
 
 
 class SinkProcess:
