@@ -261,11 +261,6 @@ class CustomerEvents:
                     self.restored.discard(tp.partition)
                     self.store.close_partition(tp.partition)
 
-    async def stop(self) -> None:
-        if self.started:
-            await self.producer.stop()
-        self.store.close()
-
     def state_keys(self, partition: int) -> Optional[int]:
         return self.store.estimate_keys(partition) if partition in self.restored else None
 

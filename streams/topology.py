@@ -113,7 +113,7 @@ def build_topology(settings: Settings) -> Topology:
     # in a store written and restored in batches (streams/state_store.py)
     reporting_state = ChangeloggedStore(
         str(Path(s.data_dir) / REPORTING_STATE), f"{s.app_id}-{REPORTING_STATE}-changelog",
-        s.bootstrap_servers, producer=None)
+        s.bootstrap_servers, producer=None)         # the agent's, created on the worker's loop
 
     # -- processors ----------------------------------------------------------------------
     replica = RuleReplica(s.bootstrap_servers, rule_versions.changelog_topic.get_topic_name(), s.partitions)
