@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from aiokafka.errors import KafkaError
+
 from schemas.records import STANDARD_TYPES
 from streams.kafka_admin import ensure_topics
 from streams.lag import LagMonitor, monitored_groups
@@ -155,7 +157,12 @@ class _Demo:
                     return False
             samples = await scrape_async(s.metrics_port)
             processed = sum(total(samples, "tagstream_events_total", topic=t) for t in event_topics)
-            rows = await lag_monitor.sample(with_age=False)
+            try:
+                rows = await lag_monitor.sample(with_age=False)
+            except KafkaError as exc:          # e.g. the broker restarting: report it, keep watching
+                print(f"[{time.monotonic() - started:6.0f}s] broker not answering ({type(exc).__name__}); "
+                      f"the worker and sink reconnect by themselves", flush=True)
+                continue
             lag = sum(row.lag for row in rows if row.group == s.app_id and row.topic in event_topics)
             now = time.monotonic()
             reports = by_label(samples, "tagstream_reports_total", "standard_type")
