@@ -297,7 +297,6 @@ class CustomerEvents:
         self.state.partition = partition
         on_event, mark_applied, outcomes = self.engine.on_event, self.state.mark_applied, self.outcomes
         now_ms = _now_ms()
-        store = self.store
         for tp, offset, decoded in released:
             result = on_event(partition, decoded, now_ms)
             mark_applied(tp, offset)
@@ -306,7 +305,7 @@ class CustomerEvents:
             self.batch_events += 1
             if result.reports or result.unreportable:
                 await self._send(result, now_ms)
-            if self.batch_events >= self.batch_max or store.staged_bytes >= JOURNAL_MAX_BYTES:
+            if self._batch_at_limit():
                 await self._commit()          # journals stay far below Kafka's 1 MB limit
         for cause, count in self.merge.forced.items():
             metrics.MERGE_FORCED.labels(cause).set(count)
@@ -394,8 +393,10 @@ class CustomerEvents:
             return False
         if self.batch_started is None:
             self.batch_started = time.monotonic()
-        return (self.batch_events >= self.batch_max or self.store.staged_bytes >= JOURNAL_MAX_BYTES
-                or time.monotonic() - self.batch_started >= self.batch_linger_s)
+        return self._batch_at_limit() or time.monotonic() - self.batch_started >= self.batch_linger_s
+
+    def _batch_at_limit(self) -> bool:
+        return self.batch_events >= self.batch_max or self.store.staged_bytes >= JOURNAL_MAX_BYTES
 
     def _applied(self, tp: TP) -> Optional[int]:
         """The last offset of `tp` the state covers (re-delivered records up to it are skipped)."""

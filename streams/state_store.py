@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, MutableMapping, Optional
@@ -101,7 +100,6 @@ class ChangeloggedStore:
         self.in_flight: deque[dict[int, dict[bytes, Optional[bytes]]]] = deque()  # sealed, not yet durable
         self.staged_bytes = 0                  # upper bound of the next commit's journals
         self.restoring = False
-        self.restored_records = 0              # since start, for metrics and tests
 
     # -- reading and staging -------------------------------------------------------------
     def _db(self, partition: int) -> Rdict:
@@ -263,7 +261,6 @@ class ChangeloggedStore:
             await consumer.stop()
             self.restoring = False
         total = sum(read.values())
-        self.restored_records += total
         cut = {partition: writes for partition, (offset, value) in journals.items()
                if ends[TopicPartition(self.changelog_topic, partition)] - 1 < offset + len(writes := journal_writes(value))}
         for partition, writes in cut.items():
@@ -288,8 +285,3 @@ class ChangeloggedStore:
     def close(self) -> None:
         for partition in list(self.dbs):
             self.close_partition(partition)
-
-    def wipe(self) -> None:
-        """Drop every local database (the changelog keeps the truth)."""
-        self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
