@@ -12,7 +12,10 @@ it dropped and they are never processed. In tagstream's SIGKILL test this lost w
 contact-event partitions.
 
 `RewindingConsumer.perform_seek` rewinds such partitions to their earliest offset, which
-is what `auto_offset_reset=earliest` promises for a partition with no committed offset.
+is what `auto_offset_reset=earliest` promises for a partition with no committed offset, and
+remembers it in `rewound_to`: the offset of the first record such a partition will deliver,
+which the agent's event-time merge needs to tell "records waiting" from "caught up" before
+anything has arrived (agents/customers.py, `_caught_up`).
 """
 from __future__ import annotations
 
@@ -20,14 +23,19 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 
 class RewindingConsumer(faust_aiokafka.Consumer):
+    #: partition without a committed offset -> the earliest offset it was rewound to
+    rewound_to: dict = {}
+
     async def perform_seek(self) -> None:
         await super().perform_seek()
         changelogs = self.app.tables.changelog_topics
         uncommitted = [tp for tp in self.assignment()
                        if self._committed_offset.get(tp) is None and tp.topic not in changelogs]
+        self.rewound_to = {}
         if uncommitted:
             earliest = await self._thread.earliest_offsets(*uncommitted)
             await self._thread.seek_wait(earliest)
+            self.rewound_to = dict(earliest)
             self.log.info("rewound %d input partitions without a committed offset to their "
                           "earliest offset", len(uncommitted))
 

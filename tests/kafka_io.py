@@ -5,14 +5,31 @@ Synchronous wrappers (one asyncio.run per call) keep the scenario tests readable
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 BOOTSTRAP = "127.0.0.1:9092"
+KAFKA_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
+#: Faust's consumer client id (its `broker_client_id` default): every worker's fetches.
+WORKER_CLIENT_ID = f"faust-{faust.__version__}"
+
+
+def throttle_fetches(byte_rate: Optional[int], client_id: str = WORKER_CLIENT_ID) -> None:
+    """Set (or, with None, remove) a broker quota on `client_id`'s fetches: a real Kafka
+    client quota (`consumer_byte_rate`), set with the broker's own ConfigCommand. It makes a
+    backlog last, and makes fetch responses arrive slowly and unevenly across partitions."""
+    change = ["--add-config", f"consumer_byte_rate={byte_rate}"] if byte_rate else \
+        ["--delete-config", "consumer_byte_rate"]
+    subprocess.run([str(KAFKA_SH), "tool", "kafka.admin.ConfigCommand", "--bootstrap-server", BOOTSTRAP,
+                    "--alter", *change, "--entity-type", "clients", "--entity-name", client_id],
+                   check=byte_rate is not None, capture_output=True)
 
 
 def produce(records: Iterable[tuple]) -> None:

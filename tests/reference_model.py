@@ -71,12 +71,11 @@ def stream_time_at_each_position(events: list[dict], partition_of: Callable[[str
     that share its partition number (tag and contact events alike, duplicates included).
     """
     result = []
-    for position, event in enumerate(events):
+    greatest_ts_so_far: dict[int, int] = {}      # partition -> max ts at or before this position
+    for event in events:
         partition = partition_of(customer_key(event))
-        result.append(max(
-            earlier["ts"] for earlier in events[: position + 1]
-            if partition_of(customer_key(earlier)) == partition
-        ))
+        greatest_ts_so_far[partition] = max(greatest_ts_so_far.get(partition, event["ts"]), event["ts"])
+        result.append(greatest_ts_so_far[partition])
     return result
 
 

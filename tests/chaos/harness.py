@@ -1,0 +1,499 @@
+"""The chaos run: the whole system on the real broker, with faults, against the reference model.
+
+    .venv/bin/python -m tests.chaos                       # full size (make chaos)
+    .venv/bin/python -m tests.chaos --events 20000 --worker-kills 3   # what CI runs
+
+What runs: the local Kafka broker, two `tagstream worker`s (a third joins and leaves), a
+`tagstream sink --target api`, and the local Marketing API server (tests/marketing_api_server.py).
+
+1. **Log.** `tests/logs.generate_log` (every rule of SPEC §4: rule versions, removes around
+   hold deadlines, the order window, customers without identity, retried event ids), shifted
+   so that it ends a day ago, plus 5% poison (`tests/chaos/poison.py`: every dead-letter class,
+   random bytes, deep nesting, huge strings, wrong types, invalid UTF-8, no key). All of it
+   goes onto the topics before a worker starts, so the workers' event-time merge sees the
+   log order, which is what the reference model applies.
+2. **Pace.** A Kafka client quota (`consumer_byte_rate` on the workers' client id, set with
+   the broker's own ConfigCommand) slows the workers' fetches so that the backlog lasts
+   through the faults. Restores read the changelog under another client id, unthrottled.
+3. **Faults**, in a seeded random order, one at a time, each followed by a wait for recovery:
+   SIGKILL of a worker at a random moment (some restarts arm a failpoint, so the worker also
+   dies inside its commit path; some restart on a wiped data directory), a third worker
+   joining and then leaving, the sink SIGKILLed and restarted, the broker stopped and
+   started, and bursts of API failures (retryable answers, dropped connections, slow answers).
+   Recovery time is from the fault until every input partition that had work has committed
+   progress again (worker and broker faults), or until the API accepts actions again (sink
+   and API faults).
+4. **Verdict.** With the quota lifted and everything drained: the actions the API server
+   accepted equal the reference model's reports (ids, action type, action time), none was
+   lost or extra, duplicate deliveries are counted, the unreportable topic holds the
+   model's unreportable reports, and every poison record has its dead letter with the
+   expected reason.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from streams.kafka_admin import ensure_topics
+from tests import kafka_io
+from tests.chaos.poison import Poison, poison_records
+from tests.integration.conftest import KAFKA_SH, Pipeline, SinkProcess, WorkerProcess, free_port
+from tests.logs import DAY, generate_log, kafka_partition
+from tests.marketing_api_server import Faults, MarketingApiServer, ServerThread
+from tests.reference_model import reference_reports
+
+FAILPOINT_STEPS = ("reports-acked", "changelog-sent", "changelog-acked", "state-durable")
+TOKEN = "chaos-token-7d1e"
+
+
+@dataclass
+class Plan:
+    events: int = 300_000
+    poison_share: float = 0.05
+    worker_kills: int = 10
+    failpoint_restarts: int = 3        # of the kill restarts, how many arm a failpoint
+    wiped_restarts: int = 2            # of the kill restarts, how many start on an empty data dir
+    join_leave: int = 1
+    sink_kills: int = 2
+    api_bursts: int = 3
+    broker_restarts: int = 1
+    seed: int = 1
+    partitions: int = 4
+    gap_s: tuple[float, float] = (2.0, 6.0)       # random pause before each fault
+    burst_s: float = 6.0
+    recovery_timeout_s: float = 240.0
+    seconds_per_fault: float = 16.0               # to size the quota: the backlog outlasts the faults
+
+    def faults(self) -> list[str]:
+        """The fault kinds in a seeded order, the broker restart in the middle."""
+        kinds = (["worker_kill"] * self.worker_kills + ["join_leave"] * self.join_leave
+                 + ["sink_kill"] * self.sink_kills + ["api_burst"] * self.api_bursts)
+        random.Random(self.seed).shuffle(kinds)
+        for n in range(self.broker_restarts):
+            kinds.insert(len(kinds) * (n + 1) // (self.broker_restarts + 1), "broker_restart")
+        return kinds
+
+
+@dataclass
+class Fault:
+    kind: str
+    at_s: float                   # since the first worker started
+    detail: str = ""
+    recovery_s: Optional[float] = None     # None: did not recover in time
+
+
+@dataclass
+class Result:
+    events: int = 0
+    poison: int = 0
+    faults: list[Fault] = field(default_factory=list)
+    expected: int = 0
+    accepted: int = 0
+    lost: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    wrong_content: list[str] = field(default_factory=list)
+    duplicate_deliveries: int = 0
+    in_doubt_resent: int = 0
+    unreportable_expected: int = 0
+    unreportable_missing: list[str] = field(default_factory=list)
+    unreportable_extra: list[str] = field(default_factory=list)
+    dead_letters: int = 0                 # records on the topic (a crash may repeat one)
+    poison_missing: list[str] = field(default_factory=list)
+    poison_wrong_reason: list[str] = field(default_factory=list)
+    unexpected_dead_letters: int = 0
+    unexpected_exits: list[str] = field(default_factory=list)
+    poison_shapes: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def problems(self) -> list[str]:
+        checks = [
+            (self.lost, "reports lost"), (self.extra, "reports the model does not have"),
+            (self.wrong_content, "accepted actions that differ from the model's"),
+            (self.unreportable_missing, "unreportable reports missing"),
+            (self.unreportable_extra, "unreportable reports the model does not have"),
+            (self.poison_missing, "poison records without a dead letter"),
+            (self.poison_wrong_reason, "dead letters with the wrong reason"),
+            (self.unexpected_exits, "processes that exited by themselves"),
+        ]
+        out = [f"{len(items)} {what}: {items[:5]}" for items, what in checks if items]
+        if self.duplicate_deliveries > self.in_doubt_resent:
+            out.append(f"{self.duplicate_deliveries} duplicate deliveries, more than the "
+                       f"{self.in_doubt_resent} in-doubt resends")
+        if self.unexpected_dead_letters:
+            out.append(f"{self.unexpected_dead_letters} dead letters for valid records")
+        out += [f"{f.kind} at {f.at_s:.0f}s ({f.detail}) did not recover" for f in self.faults if f.recovery_s is None]
+        return out
+
+    def summary(self) -> str:
+        kinds = Counter(f.kind for f in self.faults)
+        recovered = [f for f in self.faults if f.recovery_s is not None]
+        worst = max(recovered, key=lambda f: f.recovery_s, default=None)
+        lines = [
+            f"chaos run: {self.events:,} events + {self.poison:,} poison records, {self.seconds:.0f} s",
+            f"faults injected: {len(self.faults)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})",
+            f"reports expected (reference model): {self.expected:,}",
+            f"accepted by the API: {self.accepted:,}",
+            f"duplicates accepted: 0 by construction of the server; duplicate deliveries: {self.duplicate_deliveries} "
+            f"(in-doubt resends after a sink kill: {self.in_doubt_resent})",
+            f"lost: {len(self.lost)}   extra: {len(self.extra)}   differing: {len(self.wrong_content)}",
+            f"unreportable: {self.unreportable_expected:,} expected, {len(self.unreportable_missing)} missing, "
+            f"{len(self.unreportable_extra)} extra",
+            f"dead letters: {self.dead_letters:,} records for {self.poison:,} poison ({len(self.poison_missing)} "
+            f"missing, {len(self.poison_wrong_reason)} wrong reason, {self.unexpected_dead_letters} unexpected)",
+            f"poison shapes: {', '.join(f'{k} {n}' for k, n in sorted(self.poison_shapes.items()))}",
+            "recovery times:",
+            *(f"  {f.at_s:6.0f}s  {f.kind:15} {f.detail:38} "
+              f"{'NOT RECOVERED' if f.recovery_s is None else f'{f.recovery_s:5.1f} s'}" for f in self.faults),
+            f"worst recovery: {worst.recovery_s:.1f} s ({worst.kind}, {worst.detail})" if worst else "worst recovery: n/a",
+        ]
+        problems = self.problems()
+        lines.append("verdict: " + ("PASS" if not problems else "FAIL\n  " + "\n  ".join(problems)))
+        return "\n".join(lines)
+
+
+# -- the broker ------------------------------------------------------------------------------
+
+def _kafka(*args: str) -> None:
+    subprocess.run([str(KAFKA_SH), *args], check=True, capture_output=True)
+
+
+def _group_offsets(group: str, tps: list[TopicPartition]) -> Optional[dict[TopicPartition, int]]:
+    """Committed offsets of `group` and the log ends, as {tp: lag}; None if the broker
+    does not answer."""
+    async def run():
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_io.BOOTSTRAP, request_timeout_ms=3000)
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_io.BOOTSTRAP, request_timeout_ms=3000)
+        await admin.start()
+        await consumer.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+            ends = await consumer.end_offsets(tps)
+            return {tp: (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0, ends[tp])
+                    for tp in tps}
+        finally:
+            await consumer.stop()
+            await admin.close()
+    try:
+        return asyncio.run(asyncio.wait_for(run(), 10))
+    except Exception:          # noqa: BLE001 - the broker may be down: that is the fault being measured
+        return None
+
+
+async def _produce(records: list[tuple[str, Optional[bytes], Optional[bytes], Optional[int]]]) -> list:
+    """Send in order, acks=all; returns each record's RecordMetadata."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_io.BOOTSTRAP, acks="all", enable_idempotence=True,
+                                max_request_size=4 * 1024 * 1024, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=key, value=value, timestamp_ms=ts)
+                   for topic, key, value, ts in records]
+        return list(await asyncio.gather(*futures))
+    finally:
+        await producer.stop()
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+class ChaosRun:
+    def __init__(self, plan: Plan, work: Path, out=sys.stdout):
+        self.plan = plan
+        self.work = work
+        self.out = out
+        self.rng = random.Random(plan.seed)
+        self.pipeline = Pipeline(work, partitions=plan.partitions, log_level="warning")
+        self.settings = self.pipeline.settings
+        self.slots: list[WorkerProcess] = []
+        self.armed: dict[int, str] = {}        # slot -> failpoint it was started with
+        self.result = Result()
+        self.started = 0.0
+        self.server: Optional[MarketingApiServer] = None
+        self.sink: Optional[SinkProcess] = None
+
+    def say(self, line: str) -> None:
+        stamp = f"{time.monotonic() - self.started:6.0f}s" if self.started else "  prep"
+        print(f"chaos {stamp} {line}", file=self.out, flush=True)
+
+    # -- set-up --------------------------------------------------------------------------
+    def prepare(self) -> tuple[set[str], dict[str, tuple[str, int]], set[str], dict[tuple, Poison]]:
+        plan = self.plan
+        log = generate_log(plan.seed, customers=max(40, plan.events // 25), events=plan.events)
+        shift = int(time.time() * 1000) - DAY - log["events"][-1]["ts"]   # the log ends a day ago
+        events = [{**e, "ts": e["ts"] + shift} for e in log["events"]]
+        rules = [(k, {**v, "effective_from": v["effective_from"] + shift}) for k, v in log["rules"]]
+        reports, unreportable = reference_reports(
+            rules, events, partition_of=lambda key: kafka_partition(key, plan.partitions))
+        expected = {r["outer_action_id"]: (r["action_type"], r["action_time"]) for r in reports}
+        self.result.events, self.result.expected = len(events), len(expected)
+        self.result.unreportable_expected = len({r["outer_action_id"] for r in unreportable})
+
+        poison = poison_records(events, int(len(events) * plan.poison_share / (1 - plan.poison_share)), plan.seed)
+        self.result.poison = len(poison)
+        self.result.poison_shapes = Counter(p.shape for _, p in poison)
+        in_front: dict[int, list[Poison]] = {}
+        for position, p in poison:
+            in_front.setdefault(position, []).append(p)
+        records, poison_at = [], []
+        for position, event in enumerate(events):
+            for p in in_front.get(position, ()):
+                poison_at.append((len(records), p))
+                records.append((self.pipeline.topic(p.topic), p.key, p.value, event["ts"]))
+            topic = "contact_events" if "change_type" in event else "tag_events"
+            records.append((self.pipeline.topic(topic), f"{event['corp_id']}:{event['external_userid']}".encode(),
+                            orjson.dumps(event), event["ts"]))
+        asyncio.run(ensure_topics(self.settings))
+        self.pipeline.send(*[("tag_mappings", key, value) for key, value in rules])
+        self.rules = len(rules)
+        self.say(f"producing {len(events):,} events and {len(poison):,} poison records")
+        metadata = asyncio.run(_produce(records))
+        poison_by_offset = {(metadata[i].topic, metadata[i].partition, metadata[i].offset): p
+                            for i, p in poison_at}
+        self.input_bytes = sum(len(k or b"") + len(v or b"") for _, k, v, _ in records)
+        return set(expected), expected, {r["outer_action_id"] for r in unreportable}, poison_by_offset
+
+    def _slot_settings(self, n: int):
+        return dataclasses.replace(self.settings, metrics_port=free_port(),
+                                   data_dir=str(self.work / f"worker-{n}-data"))
+
+    def start_slot(self, n: int, failpoint: Optional[str] = None, wipe: bool = False) -> None:
+        while len(self.slots) <= n:
+            self.slots.append(WorkerProcess(self._slot_settings(len(self.slots)),
+                                            self.work / f"worker-{len(self.slots)}.log"))
+        if wipe:
+            shutil.rmtree(self.slots[n].settings.data_dir, ignore_errors=True)
+        self.slots[n].start({"TAGSTREAM_FAILPOINT": failpoint} if failpoint else None)
+        if failpoint:
+            self.armed[n] = failpoint
+        else:
+            self.armed.pop(n, None)
+
+    def alive(self, n: int) -> bool:
+        return n < len(self.slots) and self.slots[n].process is not None and self.slots[n].process.poll() is None
+
+    def supervise(self) -> None:
+        """Restart a main worker that died by itself: by an armed failpoint (an injected fault,
+        recorded) or by anything else (a bug, recorded as an unexpected exit)."""
+        for n in (0, 1):
+            if n < len(self.slots) and self.slots[n].process is not None and not self.alive(n):
+                code = self.slots[n].process.returncode
+                if code == -signal.SIGKILL and n in self.armed:
+                    self.result.faults.append(Fault("failpoint_kill", time.monotonic() - self.started,
+                                                    f"worker-{n} at {self.armed[n]}", 0.0))
+                    self.say(f"worker-{n} killed itself at failpoint {self.armed[n]}; restarting it")
+                else:
+                    self.result.unexpected_exits.append(f"worker-{n} exited with {code}")
+                    self.say(f"worker-{n} EXITED with {code}; restarting it:\n{self.slots[n].log_tail(15)}")
+                self.start_slot(n)
+        if self.sink is not None and self.sink.process.poll() is not None:
+            self.result.unexpected_exits.append(f"sink exited with {self.sink.process.returncode}")
+            self.say(f"the sink EXITED with {self.sink.process.returncode}; restarting it")
+            self.sink.start()
+
+    # -- waiting ---------------------------------------------------------------------------
+    def _input_tps(self) -> list[TopicPartition]:
+        return [TopicPartition(self.pipeline.topic(t), p) for t in ("tag_events", "contact_events")
+                for p in range(self.plan.partitions)]
+
+    def wait(self, condition: Callable[[], bool], timeout: float) -> Optional[float]:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            self.supervise()
+            if condition():
+                return time.monotonic() - started
+            time.sleep(0.5)
+        return None
+
+    def group_progressed(self, before: Optional[dict]) -> Callable[[], bool]:
+        """Every input partition that had work at `before` has committed past it (or is done)."""
+        def check() -> bool:
+            now = _group_offsets(self.settings.app_id, self._input_tps())
+            if now is None:
+                return False
+            if before is None:
+                return any(c > 0 for c, _ in now.values())
+            return all(now[tp][0] > c or now[tp][0] >= now[tp][1] for tp, (c, end) in before.items() if c < end)
+        return check
+
+    def api_progressed(self) -> Callable[[], bool]:
+        count = len(self.server.accepted)
+        return lambda: len(self.server.accepted) > count or self.drained()
+
+    def drained(self) -> bool:
+        """The workers committed every input record, and the sink every report (or the API
+        holds every expected action already)."""
+        offsets = _group_offsets(self.settings.app_id, self._input_tps())
+        if offsets is None or any(c < end for c, end in offsets.values()):
+            return False
+        if set(self.server.accepted) >= self.expected_ids:
+            return True
+        reports = [TopicPartition(self.pipeline.topic("conversion_reports"), p) for p in range(self.plan.partitions)]
+        sink = _group_offsets(f"{self.settings.app_id}-sink", reports)
+        return sink is not None and all(c >= end for c, end in sink.values())
+
+    # -- faults ------------------------------------------------------------------------------
+    def inject(self, kind: str, index: Counter) -> None:
+        at = time.monotonic() - self.started
+        before = _group_offsets(self.settings.app_id, self._input_tps())
+        fault = Fault(kind, at)
+        if kind == "worker_kill":
+            n = self.rng.choice([s for s in (0, 1) if self.alive(s)] or [0])
+            k = index["worker_kill"]
+            failpoint = (f"{self.rng.choice(FAILPOINT_STEPS)}:{self.rng.randint(2, 12)}"
+                         if k < self.plan.failpoint_restarts else None)
+            wipe = self.plan.failpoint_restarts <= k < self.plan.failpoint_restarts + self.plan.wiped_restarts
+            if self.alive(n):
+                self.slots[n].process.send_signal(signal.SIGKILL)
+                self.slots[n].process.wait()
+            self.start_slot(n, failpoint=failpoint, wipe=wipe)
+            fault.detail = f"worker-{n}, restart" + (f" armed {failpoint}" if failpoint else "") + \
+                (" on a wiped data dir" if wipe else "")
+            fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
+        elif kind == "join_leave":
+            self.start_slot(2)
+            fault.detail = "worker-2 joins"
+            fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
+            self.result.faults.append(fault)
+            self.say(f"{fault.kind}: {fault.detail}: recovered in {fault.recovery_s}")
+            time.sleep(self.rng.uniform(*self.plan.gap_s))
+            before = _group_offsets(self.settings.app_id, self._input_tps())
+            fault = Fault("join_leave", time.monotonic() - self.started, "worker-2 leaves (SIGTERM)")
+            self.slots[2].stop()
+            fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
+        elif kind == "sink_kill":
+            self.sink.stop(signal.SIGKILL)
+            self.sink.start()
+            fault.detail = "SIGKILL, restart"
+            fault.recovery_s = self.wait(self.api_progressed(), self.plan.recovery_timeout_s)
+        elif kind == "api_burst":
+            faults = self.server.faults
+            faults.retryable_rate, faults.drop_rate, faults.slow_rate = 0.7, 0.1, 0.05
+            time.sleep(self.plan.burst_s)
+            faults.retryable_rate = faults.drop_rate = faults.slow_rate = 0.0
+            fault.detail = f"{self.plan.burst_s:.0f} s of 70% retryable, 10% dropped, 5% slow"
+            fault.recovery_s = self.wait(self.api_progressed(), self.plan.recovery_timeout_s)
+        elif kind == "broker_restart":
+            _kafka("stop")
+            time.sleep(3)
+            _kafka("start")
+            fault.detail = "stopped, 3 s down, started"
+            fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
+        index[kind] += 1
+        self.result.faults.append(fault)
+        self.say(f"{fault.kind}: {fault.detail}: " + (f"recovered in {fault.recovery_s:.1f} s"
+                                                      if fault.recovery_s is not None else "NOT RECOVERED"))
+
+    # -- the whole run ------------------------------------------------------------------------
+    def run(self) -> Result:
+        _kafka("start")
+        expected_ids, expected, unreportable_ids, poison = self.prepare()
+        self.expected_ids = expected_ids
+        faults = self.plan.faults()
+        byte_rate = max(20_000, int(self.input_bytes / (len(faults) * self.plan.seconds_per_fault)))
+        self.say(f"{self.input_bytes / 1e6:.1f} MB of input; workers throttled to {byte_rate / 1e3:.0f} kB/s "
+                 f"for {len(faults)} faults")
+        kafka_io.throttle_fetches(byte_rate)
+        self.server = MarketingApiServer(TOKEN, Faults(seed=self.plan.seed))
+        api = ServerThread(self.server).start()
+        token_file = self.work / "token"
+        token_file.write_text(TOKEN)
+        try:
+            self.sink = SinkProcess(self.pipeline, api.base_url, token_file, self.work / "sink.log").start()
+            self.started = time.monotonic()
+            self.start_slot(0)
+            self.slots[0].wait_for_rules(self.rules, timeout=120)
+            self.start_slot(1)
+            self.say("two workers and the sink are up")
+            index: Counter = Counter()
+            for kind in faults:
+                time.sleep(self.rng.uniform(*self.plan.gap_s))
+                self.supervise()
+                self.inject(kind, index)
+            kafka_io.throttle_fetches(None)
+            self.say("faults done; throttle lifted; draining")
+            if self.wait(self.drained, 600) is None:
+                self.say("did not drain in 600 s")
+            time.sleep(5)                     # anything sent twice arrives by now
+            self.supervise()
+            self.result.seconds = time.monotonic() - self.started
+        finally:
+            kafka_io.throttle_fetches(None)
+            for slot in self.slots:
+                slot.stop()
+            if self.sink is not None:
+                self.sink.stop()
+            api.stop()
+        try:
+            self.verify(expected, unreportable_ids, poison)
+        finally:
+            self.pipeline.stop(delete_topics=True)
+        return self.result
+
+    def verify(self, expected: dict, unreportable_ids: set, poison: dict) -> None:
+        r = self.result
+        accepted = self.server.accepted
+        r.accepted = len(accepted)
+        r.lost = sorted(set(expected) - set(accepted))
+        r.extra = sorted(set(accepted) - set(expected))
+        r.wrong_content = sorted(i for i in set(expected) & set(accepted)
+                                 if (accepted[i].action.get("action_type"), accepted[i].action.get("action_time"))
+                                 != expected[i])
+        r.duplicate_deliveries = sum(self.server.duplicates.values())
+        sink_log = (self.work / "sink.log").read_text(errors="replace")
+        r.in_doubt_resent = sum(int(line.split(" in doubt")[0].rsplit(" ", 1)[1])
+                                for line in sink_log.splitlines() if " in doubt" in line)
+        unreportable = {orjson.loads(x.value)["outer_action_id"] for x in self.pipeline.read(
+            "unreportable", until=lambda rs: len(rs) >= len(unreportable_ids), timeout=60, settle=1.0)}
+        r.unreportable_missing = sorted(unreportable_ids - unreportable)
+        r.unreportable_extra = sorted(unreportable - unreportable_ids)
+        letters = self.pipeline.read("dead_letters", until=lambda rs: len(rs) >= len(poison), timeout=60, settle=1.0)
+        r.dead_letters = len(letters)
+        found: dict[tuple, dict] = {}
+        for record in letters:
+            letter = orjson.loads(record.value)
+            found[(letter["topic"], letter["partition"], letter["offset"])] = letter
+        for where, p in poison.items():
+            letter = found.get(where)
+            if letter is None:
+                r.poison_missing.append(f"{p.shape}@{where}")
+            elif letter["error"] != p.expected_error or not letter.get("detail"):
+                r.poison_wrong_reason.append(f"{p.shape}@{where}: {letter['error']} ({letter.get('detail')})")
+        r.unexpected_dead_letters = len(set(found) - set(poison))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=Plan.events, help="valid events in the log (default 300000)")
+    parser.add_argument("--worker-kills", type=int, default=Plan.worker_kills, help="worker SIGKILLs (default 10)")
+    parser.add_argument("--sink-kills", type=int, default=Plan.sink_kills, help="sink SIGKILLs (default 2)")
+    parser.add_argument("--api-bursts", type=int, default=Plan.api_bursts, help="API failure bursts (default 3)")
+    parser.add_argument("--seed", type=int, default=Plan.seed, help="seeds the log, poison and fault order (default 1)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
+    args = parser.parse_args(argv)
+    plan = Plan(events=args.events, worker_kills=args.worker_kills, sink_kills=args.sink_kills,
+                api_bursts=args.api_bursts, seed=args.seed,
+                failpoint_restarts=min(3, args.worker_kills), wiped_restarts=min(2, max(0, args.worker_kills - 3)))
+    work = Path(tempfile.mkdtemp(prefix="tagstream-chaos-"))
+    try:
+        result = ChaosRun(plan, work).run()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(result.summary())
+    if args.keep:
+        print(f"logs: {work}")
+    return 0 if not result.problems() else 1
