@@ -51,6 +51,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.kafka_admin import ensure_topics
+from streams.observe import total
 from tests import kafka_io
 from tests.chaos.poison import Poison, poison_records
 from tests.integration.conftest import KAFKA_SH, Pipeline, SinkProcess, WorkerProcess, free_port
@@ -118,6 +119,8 @@ class Result:
     poison_wrong_reason: list[str] = field(default_factory=list)
     unexpected_dead_letters: int = 0
     unexpected_exits: list[str] = field(default_factory=list)
+    forced_merge_releases: int = 0
+    details: list[str] = field(default_factory=list)    # what the first differences look like
     poison_shapes: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -135,6 +138,8 @@ class Result:
         if self.duplicate_deliveries > self.in_doubt_resent:
             out.append(f"{self.duplicate_deliveries} duplicate deliveries, more than the "
                        f"{self.in_doubt_resent} in-doubt resends")
+        if self.forced_merge_releases:
+            out.append(f"{self.forced_merge_releases} merge releases forced out of ts order")
         if self.unexpected_dead_letters:
             out.append(f"{self.unexpected_dead_letters} dead letters for valid records")
         out += [f"{f.kind} at {f.at_s:.0f}s ({f.detail}) did not recover" for f in self.faults if f.recovery_s is None]
@@ -162,7 +167,9 @@ class Result:
               f"{'NOT RECOVERED' if f.recovery_s is None else f'{f.recovery_s:5.1f} s'}" for f in self.faults),
             f"worst recovery: {worst.recovery_s:.1f} s ({worst.kind}, {worst.detail})" if worst else "worst recovery: n/a",
         ]
+        lines.append(f"merge releases forced out of ts order: {self.forced_merge_releases}")
         problems = self.problems()
+        lines += [f"  {d}" for d in self.details[:20]]
         lines.append("verdict: " + ("PASS" if not problems else "FAIL\n  " + "\n  ".join(problems)))
         return "\n".join(lines)
 
@@ -211,8 +218,11 @@ async def _produce(records: list[tuple[str, Optional[bytes], Optional[bytes], Op
 # -- the run ---------------------------------------------------------------------------------
 
 class ChaosRun:
-    def __init__(self, plan: Plan, work: Path, out=sys.stdout):
+    def __init__(self, plan: Plan, work: Path, out=sys.stdout, keep_topics: bool = False):
         self.plan = plan
+        self.keep_topics = keep_topics
+        self.forced: dict[int, float] = {}     # worker pid -> merge releases it forced (last scrape)
+        self.last_scrape = 0.0
         self.work = work
         self.out = out
         self.rng = random.Random(plan.seed)
@@ -239,6 +249,7 @@ class ChaosRun:
         reports, unreportable = reference_reports(
             rules, events, partition_of=lambda key: kafka_partition(key, plan.partitions))
         expected = {r["outer_action_id"]: (r["action_type"], r["action_time"]) for r in reports}
+        self.model = {r["outer_action_id"]: r for r in reports + unreportable}
         self.result.events, self.result.expected = len(events), len(expected)
         self.result.unreportable_expected = len({r["outer_action_id"] for r in unreportable})
 
@@ -285,6 +296,17 @@ class ChaosRun:
     def alive(self, n: int) -> bool:
         return n < len(self.slots) and self.slots[n].process is not None and self.slots[n].process.poll() is None
 
+    def scrape_forced(self) -> None:
+        """Every few seconds: how many merge releases each live worker forced (out of ts
+        order: should stay 0 on a complete backlog)."""
+        if time.monotonic() - self.last_scrape < 5:
+            return
+        self.last_scrape = time.monotonic()
+        for n in range(len(self.slots)):
+            if self.alive(n):
+                value = total(self.slots[n].metrics(), "tagstream_merge_forced_releases")
+                self.forced[self.slots[n].process.pid] = max(value, self.forced.get(self.slots[n].process.pid, 0))
+
     def supervise(self) -> None:
         """Restart a main worker that died by itself: by an armed failpoint (an injected fault,
         recorded) or by anything else (a bug, recorded as an unexpected exit)."""
@@ -313,6 +335,7 @@ class ChaosRun:
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             self.supervise()
+            self.scrape_forced()
             if condition():
                 return time.monotonic() - started
             time.sleep(0.5)
@@ -440,7 +463,7 @@ class ChaosRun:
         try:
             self.verify(expected, unreportable_ids, poison)
         finally:
-            self.pipeline.stop(delete_topics=True)
+            self.pipeline.stop(delete_topics=not self.keep_topics)
         return self.result
 
     def verify(self, expected: dict, unreportable_ids: set, poison: dict) -> None:
@@ -452,6 +475,11 @@ class ChaosRun:
         r.wrong_content = sorted(i for i in set(expected) & set(accepted)
                                  if (accepted[i].action.get("action_type"), accepted[i].action.get("action_time"))
                                  != expected[i])
+        brief = lambda i: {k: self.model[i].get(k) for k in (
+            "external_userid", "standard_type", "mode", "reason", "source_event_id", "action_time")}
+        r.details += [f"lost: {brief(i)}" for i in r.lost[:5]]
+        r.details += [f"differs: model {brief(i)}, API {accepted[i].action}" for i in r.wrong_content[:5]]
+        r.forced_merge_releases = int(sum(self.forced.values()))
         r.duplicate_deliveries = sum(self.server.duplicates.values())
         sink_log = (self.work / "sink.log").read_text(errors="replace")
         r.in_doubt_resent = sum(int(line.split(" in doubt")[0].rsplit(" ", 1)[1])
@@ -460,6 +488,7 @@ class ChaosRun:
             "unreportable", until=lambda rs: len(rs) >= len(unreportable_ids), timeout=60, settle=1.0)}
         r.unreportable_missing = sorted(unreportable_ids - unreportable)
         r.unreportable_extra = sorted(unreportable - unreportable_ids)
+        r.details += [f"unreportable missing: {brief(i)}" for i in r.unreportable_missing[:5]]
         letters = self.pipeline.read("dead_letters", until=lambda rs: len(rs) >= len(poison), timeout=60, settle=1.0)
         r.dead_letters = len(letters)
         found: dict[tuple, dict] = {}
@@ -482,14 +511,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sink-kills", type=int, default=Plan.sink_kills, help="sink SIGKILLs (default 2)")
     parser.add_argument("--api-bursts", type=int, default=Plan.api_bursts, help="API failure bursts (default 3)")
     parser.add_argument("--seed", type=int, default=Plan.seed, help="seeds the log, poison and fault order (default 1)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) and the topics")
     args = parser.parse_args(argv)
     plan = Plan(events=args.events, worker_kills=args.worker_kills, sink_kills=args.sink_kills,
                 api_bursts=args.api_bursts, seed=args.seed,
                 failpoint_restarts=min(3, args.worker_kills), wiped_restarts=min(2, max(0, args.worker_kills - 3)))
     work = Path(tempfile.mkdtemp(prefix="tagstream-chaos-"))
     try:
-        result = ChaosRun(plan, work).run()
+        result = ChaosRun(plan, work, keep_topics=args.keep).run()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
