@@ -194,10 +194,9 @@ class CustomerEvents:
 
     # -- entry points --------------------------------------------------------------------
     async def on_records(self, records: dict) -> None:
-        """A fetched batch: {TP: [ConsumerRecord, ...]} in offset order per partition."""
-        if not self.replica.ready.is_set():
-            # Rules must be loaded before the first lookup, or early events would look unmapped.
-            await self.replica.ready.wait()
+        """A fetched batch: {TP: [ConsumerRecord, ...]} in offset order per partition. The
+        consumer calls this only once the rule book is ready (agents/rules.py): an event
+        looked up in a partial book would look unmapped, and its report would be lost."""
         async with self.lock:
             await self._ready()
             now_ms = _now_ms()

@@ -10,8 +10,17 @@ bookkeeping on every partition, known to stall or skip after rebalances). Instea
 2. `RuleReplica` runs in every worker: a plain aiokafka consumer, with no consumer group,
    assigned every partition of that table's changelog, reading from the beginning and then
    following it. No group means no rebalance can take rules away from a worker, and a
-   restart simply reads the (compacted, small) changelog again. Events wait until the
-   replica has caught up with the changelog as it stood at startup.
+   restart simply reads the (compacted, small) changelog again.
+
+**Ready.** Events wait until the book holds every rule that was on the rules topic when the
+worker started. Reading the changelog to its end is not enough: the fold may not have
+caught up yet (on a fresh deployment the changelog is still empty while the rules topic is
+full), and events applied then find no rule as of their time: their reports are silently
+lost. (The chaos run found this: with the events already on the topics when the workers
+started, the first few percent of the log was applied with a partial book.) So the replica
+first waits until the app's consumer group has *committed* the rules topic up to its
+startup end (Faust flushes the changelog writes before it commits the offsets they cover),
+and then reads the changelog up to its end as it stood after that.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import logging
 from typing import Optional
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from agents.dead_letters import park
 from schemas.records import rule_key
@@ -55,11 +65,13 @@ def fold_rule_versions(rule_versions, dead_letters_topic):
 class RuleReplica:
     """This worker's full copy of every rule history, read from the table's changelog."""
 
-    def __init__(self, bootstrap_servers: str, changelog_topic: str, partitions: int,
-                 book: Optional[RuleBook] = None):
+    def __init__(self, bootstrap_servers: str, changelog_topic: str, partitions: int, *,
+                 rules_topic: str, group_id: str, book: Optional[RuleBook] = None):
         self.bootstrap_servers = bootstrap_servers
         self.changelog_topic = changelog_topic
-        self.partitions = partitions
+        self.partitions = partitions             # of the changelog, and of the rules topic it folds
+        self.rules_topic = rules_topic
+        self.group_id = group_id                 # the app's group, which runs the fold
         self.book = book or RuleBook()
         self.ready = asyncio.Event()
 
@@ -80,31 +92,59 @@ class RuleReplica:
             isolation_level="read_committed", auto_offset_reset="earliest")
         await consumer.start()
         try:
-            partitions = await self._wait_for_partitions(consumer)
+            partitions = await self._wait_for_partitions(consumer, self.changelog_topic)
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
-            startup_end = await consumer.end_offsets(partitions)
-            log.info("rule replica: reading %s (%d records at startup)",
-                     self.changelog_topic, sum(startup_end.values()))
+            changelog_end: Optional[dict] = None     # known once the rules are folded
+            if not self.ready.is_set():
+                rules = await self._wait_for_partitions(consumer, self.rules_topic)
+                rules_start, rules_end = await consumer.beginning_offsets(rules), await consumer.end_offsets(rules)
+                unfolded = {tp: end for tp, end in rules_end.items() if end > rules_start[tp]}
+                log.info("rule replica: reading %s once %s is folded up to %s", self.changelog_topic,
+                         self.rules_topic, {tp.partition: end for tp, end in unfolded.items()})
+                next_check = 0.0
             while True:
                 batches = await consumer.getmany(timeout_ms=200, max_records=5000)
                 for records in batches.values():
                     for record in records:
                         self.book.apply_changelog(record.key, record.value)
                 metrics.RULE_VERSIONS.set(self.book.versions)
-                if not self.ready.is_set() and await self._caught_up(consumer, startup_end):
+                if self.ready.is_set():
+                    continue
+                loop_time = asyncio.get_running_loop().time()
+                if changelog_end is None and loop_time >= next_check:
+                    next_check = loop_time + 0.5
+                    if await self._folded(unfolded):
+                        changelog_end = await consumer.end_offsets(partitions)
+                if changelog_end is not None and await self._caught_up(consumer, changelog_end):
                     log.info("rule replica: ready, %d keys, %d versions", len(self.book), self.book.versions)
                     metrics.RULE_BOOK_READY.set(1)
                     self.ready.set()
         finally:
             await consumer.stop()
 
-    async def _wait_for_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-        # The changelog is declared by Faust when the worker starts; wait until it exists.
-        # Its partition count is the table's, which the topology fixes.
-        while self.changelog_topic not in await consumer.topics():
+    async def _folded(self, unfolded: dict) -> bool:
+        """Has the app's group committed every rules partition up to its startup end?"""
+        if not unfolded:
+            return True
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(self.group_id, partitions=list(unfolded))
+        finally:
+            await admin.close()
+        for tp, end in list(unfolded.items()):
+            meta = committed.get(tp)
+            if meta is not None and meta.offset >= end:
+                del unfolded[tp]
+        return not unfolded
+
+    async def _wait_for_partitions(self, consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+        """Every partition of `topic`, once it exists (Faust declares the changelog when the
+        worker starts; the topology gives it the rules topic's partition count)."""
+        while topic not in await consumer.topics():
             await asyncio.sleep(0.2)
-        return [TopicPartition(self.changelog_topic, p) for p in range(self.partitions)]
+        return [TopicPartition(topic, p) for p in range(self.partitions)]
 
     @staticmethod
     async def _caught_up(consumer: AIOKafkaConsumer, end: dict) -> bool:
@@ -112,4 +152,3 @@ class RuleReplica:
             if await consumer.position(tp) < offset:
                 return False
         return True
-

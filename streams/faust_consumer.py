@@ -19,6 +19,8 @@ anything has arrived (agents/customers.py, `_caught_up`).
 """
 from __future__ import annotations
 
+import asyncio
+
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 
@@ -48,6 +50,10 @@ class RewindingConsumer(faust_aiokafka.Consumer):
 FETCH_MAX_WAIT_MS = 100
 
 
+#: How long the fetch loop pauses after rewinding batches the handler is not ready for.
+NOT_READY_BACKOFF_S = 0.1
+
+
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
@@ -67,6 +73,11 @@ class BatchingConsumer(RewindingConsumer):
     group, the co-partitioned assignment, flow control during rebalances and recovery,
     seeking, and the commit loop, which commits the handler's `committable` offsets (the
     next offset to read per partition) instead of acked messages.
+
+    Until `batch_ready()` is true (the worker's rule book is loaded), fetched batches are not
+    handed over: their partitions are rewound to fetch them again later. Waiting inside the
+    handler instead would stall this consumer's other topics, among them the rules topic
+    whose fold the handler would be waiting for.
     """
 
     def _new_consumer_thread(self):
@@ -75,6 +86,7 @@ class BatchingConsumer(RewindingConsumer):
     # set by `install`
     batch_topics: frozenset = frozenset()
     batch_handler = None          # async (dict[TP, list[ConsumerRecord]]) -> None
+    batch_ready = staticmethod(lambda: True)     # () -> bool: may batches be handed over?
     committable: dict = {}        # the handler's; never mutated here
 
     async def _wait_next_records(self, timeout: float):
@@ -90,6 +102,10 @@ class BatchingConsumer(RewindingConsumer):
         taken = {tp: batch for tp, batch in taken.items()
                  if active is None or tp in active or tp in self._buffered_partitions}
         if taken and self.flow_active and generation == self.app.consumer_generation_id:
+            if not self.batch_ready():
+                await self._thread.seek_wait({tp: batch[0].offset for tp, batch in taken.items()})
+                await asyncio.sleep(NOT_READY_BACKOFF_S)
+                return records, active
             await self.batch_handler(taken)
             for tp, batch in taken.items():
                 self._read_offset[tp] = batch[-1].offset
@@ -107,9 +123,11 @@ class BatchingConsumer(RewindingConsumer):
         return self.committable.get(tp)
 
 
-def install(app, *, batch_topics=(), batch_handler=None, committable=None) -> None:
+def install(app, *, batch_topics=(), batch_handler=None, batch_ready=lambda: True, committable=None) -> None:
     """Make `app` create a `BatchingConsumer` that hands `batch_topics` to `batch_handler`
-    and commits `committable` for them (call before the app's consumer exists)."""
+    once `batch_ready()`, and commits `committable` for them (call before the app's consumer
+    exists)."""
     app.transport.Consumer = type("BatchingConsumer", (BatchingConsumer,), {
         "batch_topics": frozenset(batch_topics), "batch_handler": batch_handler,
+        "batch_ready": staticmethod(batch_ready),
         "committable": committable if committable is not None else {}})

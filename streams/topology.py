@@ -116,7 +116,8 @@ def build_topology(settings: Settings) -> Topology:
         s.bootstrap_servers, producer=None)         # the agent's, created on the worker's loop
 
     # -- processors ----------------------------------------------------------------------
-    replica = RuleReplica(s.bootstrap_servers, rule_versions.changelog_topic.get_topic_name(), s.partitions)
+    replica = RuleReplica(s.bootstrap_servers, rule_versions.changelog_topic.get_topic_name(), s.partitions,
+                          rules_topic=names["tag_mappings"], group_id=s.app_id)
     app.task(replica.run)
     app.agent(tag_mappings, name="fold_rule_versions")(
         fold_rule_versions(rule_versions, app.topic(names["dead_letters"], **RAW)))
@@ -130,7 +131,7 @@ def build_topology(settings: Settings) -> Topology:
     # apply_customer_events: the consumer hands it whole fetched batches of both event topics
     app.topics.add(customer_events)
     faust_consumer.install(app, batch_topics=customer_events.topics, batch_handler=per_customer.on_records,
-                           committable=per_customer.committable)
+                           batch_ready=replica.ready.is_set, committable=per_customer.committable)
     app.timer(max(s.merge_wait, 20) / 2000)(per_customer.tick)
 
     @app.on_partitions_revoked.connect

@@ -50,7 +50,6 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams.kafka_admin import ensure_topics
 from streams.observe import total
 from tests import kafka_io
 from tests.chaos.poison import Poison, poison_records
@@ -267,7 +266,7 @@ class ChaosRun:
             topic = "contact_events" if "change_type" in event else "tag_events"
             records.append((self.pipeline.topic(topic), f"{event['corp_id']}:{event['external_userid']}".encode(),
                             orjson.dumps(event), event["ts"]))
-        asyncio.run(ensure_topics(self.settings))
+        self.pipeline.create_topics()
         self.pipeline.send(*[("tag_mappings", key, value) for key, value in rules])
         self.rules = len(rules)
         self.say(f"producing {len(events):,} events and {len(poison):,} poison records")
@@ -426,7 +425,7 @@ class ChaosRun:
         expected_ids, expected, unreportable_ids, poison = self.prepare()
         self.expected_ids = expected_ids
         faults = self.plan.faults()
-        byte_rate = max(20_000, int(self.input_bytes / (len(faults) * self.plan.seconds_per_fault)))
+        byte_rate = max(20_000, int(self.input_bytes / (max(1, len(faults)) * self.plan.seconds_per_fault)))
         self.say(f"{self.input_bytes / 1e6:.1f} MB of input; workers throttled to {byte_rate / 1e3:.0f} kB/s "
                  f"for {len(faults)} faults")
         kafka_io.throttle_fetches(byte_rate)
@@ -510,11 +509,14 @@ def main(argv=None) -> int:
     parser.add_argument("--worker-kills", type=int, default=Plan.worker_kills, help="worker SIGKILLs (default 10)")
     parser.add_argument("--sink-kills", type=int, default=Plan.sink_kills, help="sink SIGKILLs (default 2)")
     parser.add_argument("--api-bursts", type=int, default=Plan.api_bursts, help="API failure bursts (default 3)")
+    parser.add_argument("--join-leave", type=int, default=Plan.join_leave, help="a third worker joins and leaves (default 1)")
+    parser.add_argument("--broker-restarts", type=int, default=Plan.broker_restarts, help="broker stops and starts (default 1)")
     parser.add_argument("--seed", type=int, default=Plan.seed, help="seeds the log, poison and fault order (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) and the topics")
     args = parser.parse_args(argv)
     plan = Plan(events=args.events, worker_kills=args.worker_kills, sink_kills=args.sink_kills,
                 api_bursts=args.api_bursts, seed=args.seed,
+                join_leave=args.join_leave, broker_restarts=args.broker_restarts,
                 failpoint_restarts=min(3, args.worker_kills), wiped_restarts=min(2, max(0, args.worker_kills - 3)))
     work = Path(tempfile.mkdtemp(prefix="tagstream-chaos-"))
     try:

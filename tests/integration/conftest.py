@@ -2,6 +2,7 @@
 tagstream workers as real child processes, each test module on its own topics."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from typing import Optional
 
 import pytest
 
+from streams.kafka_admin import ensure_topics
 from streams.observe import scrape, total
 from streams.settings import Settings
 from tests import kafka_io
@@ -134,6 +136,10 @@ class Pipeline:
         worker = WorkerProcess(self.settings, self.tmp_dir / f"worker-{len(self.workers)}.log").start(env)
         self.workers.append(worker)
         return worker
+
+    def create_topics(self) -> None:
+        """The pipeline's topics, as a worker would create them (to write input before one starts)."""
+        asyncio.run(ensure_topics(self.settings))
 
     def send(self, *records: tuple[str, str, Optional[dict]]) -> None:
         """Send (topic short name, key, JSON value[, timestamp ms]) records in order."""

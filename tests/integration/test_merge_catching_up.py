@@ -11,11 +11,9 @@ which it knows from the moment it resets to the log start.
 """
 from __future__ import annotations
 
-import asyncio
 
 import orjson
 
-from streams.kafka_admin import ensure_topics
 from tests import kafka_io
 from streams.observe import total
 from tests.integration.conftest import Pipeline
@@ -31,7 +29,7 @@ def test_a_fresh_group_on_a_throttled_fetch_still_merges_in_event_time_order(kaf
                                     partition_of=lambda key: kafka_partition(key, PARTITIONS))
     expected_ids = {r["outer_action_id"] for r in expected}
     pipeline = Pipeline(tmp_path, partitions=PARTITIONS)
-    asyncio.run(ensure_topics(pipeline.settings))
+    pipeline.create_topics()
     try:
         worker = pipeline.start_worker()
         pipeline.send(*[("tag_mappings", key, value) for key, value in log["rules"]])

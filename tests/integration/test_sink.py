@@ -8,7 +8,6 @@ or a dead letter. Killing the sink with SIGKILL twice mid-run changes none of th
 """
 from __future__ import annotations
 
-import asyncio
 import random
 import signal
 import time
@@ -16,7 +15,6 @@ import time
 import orjson
 import pytest
 
-from streams.kafka_admin import ensure_topics
 from streams.observe import scrape
 from tests import kafka_io
 from tests.integration.conftest import Pipeline, SinkProcess, wait_until
@@ -40,7 +38,7 @@ def test_every_report_reaches_the_api_once_and_every_rejection_is_parked(kafka_b
     api = ServerThread(server).start()
     token_file = tmp_path / "token"
     token_file.write_text(OLD_TOKEN)
-    asyncio.run(ensure_topics(pipeline.settings))
+    pipeline.create_topics()
     kafka_io.produce(kafka_io.json_record(pipeline.topic("conversion_reports"), r["outer_action_id"], r)
                      for r in reports)
     sink = SinkProcess(pipeline, api.base_url, token_file, tmp_path / "sink.log").start()
