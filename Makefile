@@ -7,8 +7,9 @@ EVENTS ?= 0
 RATE   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay chaos observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -46,6 +47,7 @@ test-unit: setup
 	deploy/setup-system.sh --with-prometheus
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+## The chaos run at the size CI affords (`make chaos` is the full size); CI runs this too.
 test-slow: setup
 	deploy/setup-system.sh --with-prometheus
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
@@ -66,6 +68,11 @@ bench-sink: setup
 ## One 200,000-event log processed live, replayed from topics and from an archive: compared and timed.
 bench-replay: setup
 	$(BIN)/python -m bench.replay_vs_live $(BENCH_ARGS)
+
+## The chaos run: 300,000 events, two workers, the sink and the Marketing API, with worker/sink
+## SIGKILLs, a join/leave, a broker restart, API failure bursts and 5% poison (CI runs it small).
+chaos: setup
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 ## Regenerate the Grafana dashboard and the alert rules from deploy/observability.py.
 observability: setup

@@ -75,6 +75,7 @@ class Settings:
     # worker runtime
     processing_guarantee: str = _setting("at_least_once", "Faust processing guarantee; see README for why exactly_once is not used")
     session_timeout: int = _duration(10 * SECOND, "consumer-group session timeout: how soon a crashed worker's partitions move")
+    partition_fetch_bytes: int = _setting(1024 * 1024, "most bytes one fetch takes from one input partition (Kafka's max.partition.fetch.bytes)")
     merge_wait: int = _duration(500, "how long an event may wait for the other event topic's partition before it is applied out of ts order")
     data_dir: str = _setting(".state/worker", "where the worker keeps its RocksDB tables")
     # the reporting sink (SPEC §5)

@@ -91,6 +91,7 @@ def build_topology(settings: Settings) -> Topology:
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
+        consumer_max_fetch_size=s.partition_fetch_bytes,
         producer_acks=-1,
         producer_linger_ms=1,
         processing_guarantee=s.processing_guarantee,

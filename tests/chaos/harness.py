@@ -97,6 +97,9 @@ class Fault:
     detail: str = ""
     recovery_s: Optional[float] = None     # None: did not recover in time
 
+    def recovery_text(self) -> str:
+        return f"recovered in {self.recovery_s:.1f} s" if self.recovery_s is not None else "NOT RECOVERED"
+
 
 @dataclass
 class Result:
@@ -163,7 +166,8 @@ class Result:
             f"poison shapes: {', '.join(f'{k} {n}' for k, n in sorted(self.poison_shapes.items()))}",
             "recovery times:",
             *(f"  {f.at_s:6.0f}s  {f.kind:15} {f.detail:38} "
-              f"{'NOT RECOVERED' if f.recovery_s is None else f'{f.recovery_s:5.1f} s'}" for f in self.faults),
+              f"{'NOT RECOVERED' if f.recovery_s is None else f'{f.recovery_s:5.1f} s'}"
+              for f in sorted(self.faults, key=lambda f: f.at_s)),
             f"worst recovery: {worst.recovery_s:.1f} s ({worst.kind}, {worst.detail})" if worst else "worst recovery: n/a",
         ]
         lines.append(f"merge releases forced out of ts order: {self.forced_merge_releases}")
@@ -277,7 +281,10 @@ class ChaosRun:
         return set(expected), expected, {r["outer_action_id"] for r in unreportable}, poison_by_offset
 
     def _slot_settings(self, n: int):
-        return dataclasses.replace(self.settings, metrics_port=free_port(),
+        # Small fetches: under a byte-rate quota the broker throttles a client for as long as
+        # its last response takes to pay off, and a default 1 MiB-per-partition fetch after a
+        # rebalance bought a minute of silence, which is the quota's doing, not a recovery.
+        return dataclasses.replace(self.settings, metrics_port=free_port(), partition_fetch_bytes=16 * 1024,
                                    data_dir=str(self.work / f"worker-{n}-data"))
 
     def start_slot(self, n: int, failpoint: Optional[str] = None, wipe: bool = False) -> None:
@@ -313,13 +320,17 @@ class ChaosRun:
             if n < len(self.slots) and self.slots[n].process is not None and not self.alive(n):
                 code = self.slots[n].process.returncode
                 if code == -signal.SIGKILL and n in self.armed:
-                    self.result.faults.append(Fault("failpoint_kill", time.monotonic() - self.started,
-                                                    f"worker-{n} at {self.armed[n]}", 0.0))
+                    fault = Fault("failpoint_kill", time.monotonic() - self.started, f"worker-{n} at {self.armed[n]}")
                     self.say(f"worker-{n} killed itself at failpoint {self.armed[n]}; restarting it")
+                    before = _group_offsets(self.settings.app_id, self._input_tps())
+                    self.start_slot(n)          # unarmed: this wait cannot recurse again
+                    fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
+                    self.result.faults.append(fault)
+                    self.say(f"{fault.kind}: {fault.detail}: {fault.recovery_text()}")
                 else:
                     self.result.unexpected_exits.append(f"worker-{n} exited with {code}")
                     self.say(f"worker-{n} EXITED with {code}; restarting it:\n{self.slots[n].log_tail(15)}")
-                self.start_slot(n)
+                    self.start_slot(n)
         if self.sink is not None and self.sink.process.poll() is not None:
             self.result.unexpected_exits.append(f"sink exited with {self.sink.process.returncode}")
             self.say(f"the sink EXITED with {self.sink.process.returncode}; restarting it")
@@ -390,7 +401,7 @@ class ChaosRun:
             fault.detail = "worker-2 joins"
             fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
             self.result.faults.append(fault)
-            self.say(f"{fault.kind}: {fault.detail}: recovered in {fault.recovery_s}")
+            self.say(f"{fault.kind}: {fault.detail}: {fault.recovery_text()}")
             time.sleep(self.rng.uniform(*self.plan.gap_s))
             before = _group_offsets(self.settings.app_id, self._input_tps())
             fault = Fault("join_leave", time.monotonic() - self.started, "worker-2 leaves (SIGTERM)")
@@ -416,8 +427,7 @@ class ChaosRun:
             fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
         index[kind] += 1
         self.result.faults.append(fault)
-        self.say(f"{fault.kind}: {fault.detail}: " + (f"recovered in {fault.recovery_s:.1f} s"
-                                                      if fault.recovery_s is not None else "NOT RECOVERED"))
+        self.say(f"{fault.kind}: {fault.detail}: {fault.recovery_text()}")
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> Result:
