@@ -19,9 +19,8 @@ anything has arrived (agents/customers.py, `_caught_up`).
 """
 from __future__ import annotations
 
-import asyncio
-
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
 
 class RewindingConsumer(faust_aiokafka.Consumer):
@@ -50,10 +49,6 @@ class RewindingConsumer(faust_aiokafka.Consumer):
 FETCH_MAX_WAIT_MS = 100
 
 
-#: How long the fetch loop pauses after rewinding batches the handler is not ready for.
-NOT_READY_BACKOFF_S = 0.1
-
-
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
@@ -75,9 +70,11 @@ class BatchingConsumer(RewindingConsumer):
     next offset to read per partition) instead of acked messages.
 
     Until `batch_ready()` is true (the worker's rule book is loaded), fetched batches are not
-    handed over: their partitions are rewound to fetch them again later. Waiting inside the
-    handler instead would stall this consumer's other topics, among them the rules topic
-    whose fold the handler would be waiting for.
+    handed over: their partitions are rewound and paused (`held`), and resumed once ready.
+    Waiting inside the handler instead would stall this consumer's other topics, among them
+    the rules topic whose fold the handler would be waiting for; rewinding without pausing
+    fetched the same records again and again, which under a fetch quota starved the rules
+    topic too.
     """
 
     def _new_consumer_thread(self):
@@ -89,7 +86,13 @@ class BatchingConsumer(RewindingConsumer):
     batch_ready = staticmethod(lambda: True)     # () -> bool: may batches be handed over?
     committable: dict = {}        # the handler's; never mutated here
 
+    held: frozenset = frozenset()     # partitions paused until `batch_ready()`
+
     async def _wait_next_records(self, timeout: float):
+        if self.held and self.batch_ready():
+            self.resume_partitions({tp for tp in self.assignment() if tp in self.held})
+            self.log.info("rule book ready: resumed %d held input partitions", len(self.held))
+            self.held = frozenset()
         records, active = await super()._wait_next_records(timeout)
         if not records or not self.batch_topics:
             return records, active
@@ -104,7 +107,10 @@ class BatchingConsumer(RewindingConsumer):
         if taken and self.flow_active and generation == self.app.consumer_generation_id:
             if not self.batch_ready():
                 await self._thread.seek_wait({tp: batch[0].offset for tp, batch in taken.items()})
-                await asyncio.sleep(NOT_READY_BACKOFF_S)
+                paused = {TP(tp.topic, tp.partition) for tp in taken}    # Faust's TP, not aiokafka's
+                self.pause_partitions(paused)
+                self.log.info("holding %d input partitions until the rule book is ready", len(paused))
+                self.held |= paused
                 return records, active
             await self.batch_handler(taken)
             for tp, batch in taken.items():
