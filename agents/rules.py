@@ -95,49 +95,44 @@ class RuleReplica:
             partitions = await self._wait_for_partitions(consumer, self.changelog_topic)
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
-            changelog_end: Optional[dict] = None     # known once the rules are folded
             if not self.ready.is_set():
-                rules = await self._wait_for_partitions(consumer, self.rules_topic)
-                rules_start, rules_end = await consumer.beginning_offsets(rules), await consumer.end_offsets(rules)
-                unfolded = {tp: end for tp, end in rules_end.items() if end > rules_start[tp]}
-                log.info("rule replica: reading %s once %s is folded up to %s", self.changelog_topic,
-                         self.rules_topic, {tp.partition: end for tp, end in unfolded.items()})
-                next_check = 0.0
+                await self._wait_until_folded(consumer)
+            # Taken after the fold's commit: this end covers every rule on the topic at startup.
+            startup_end = await consumer.end_offsets(partitions)
             while True:
                 batches = await consumer.getmany(timeout_ms=200, max_records=5000)
                 for records in batches.values():
                     for record in records:
                         self.book.apply_changelog(record.key, record.value)
                 metrics.RULE_VERSIONS.set(self.book.versions)
-                if self.ready.is_set():
-                    continue
-                loop_time = asyncio.get_running_loop().time()
-                if changelog_end is None and loop_time >= next_check:
-                    next_check = loop_time + 0.5
-                    if await self._folded(unfolded):
-                        changelog_end = await consumer.end_offsets(partitions)
-                if changelog_end is not None and await self._caught_up(consumer, changelog_end):
+                if not self.ready.is_set() and await self._caught_up(consumer, startup_end):
                     log.info("rule replica: ready, %d keys, %d versions", len(self.book), self.book.versions)
                     metrics.RULE_BOOK_READY.set(1)
                     self.ready.set()
         finally:
             await consumer.stop()
 
-    async def _folded(self, unfolded: dict) -> bool:
-        """Has the app's group committed every rules partition up to its startup end?"""
+    async def _wait_until_folded(self, consumer: AIOKafkaConsumer) -> None:
+        """Until the app's group has committed every rules partition up to its end as it
+        stands now (so the fold has written those rules to the changelog)."""
+        rules = await self._wait_for_partitions(consumer, self.rules_topic)
+        start, end = await consumer.beginning_offsets(rules), await consumer.end_offsets(rules)
+        unfolded = {tp: offset for tp, offset in end.items() if offset > start[tp]}
+        log.info("rule replica: waiting until %s is folded up to %s", self.rules_topic,
+                 {tp.partition: offset for tp, offset in unfolded.items()})
         if not unfolded:
-            return True
+            return
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
         await admin.start()
         try:
-            committed = await admin.list_consumer_group_offsets(self.group_id, partitions=list(unfolded))
+            while True:
+                committed = await admin.list_consumer_group_offsets(self.group_id, partitions=list(unfolded))
+                if all(committed.get(tp) is not None and committed[tp].offset >= offset
+                       for tp, offset in unfolded.items()):
+                    return
+                await asyncio.sleep(0.5)
         finally:
             await admin.close()
-        for tp, end in list(unfolded.items()):
-            meta = committed.get(tp)
-            if meta is not None and meta.offset >= end:
-                del unfolded[tp]
-        return not unfolded
 
     async def _wait_for_partitions(self, consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
         """Every partition of `topic`, once it exists (Faust declares the changelog when the

@@ -229,7 +229,7 @@ class ChaosRun:
         self.work = work
         self.out = out
         self.rng = random.Random(plan.seed)
-        self.pipeline = Pipeline(work, partitions=plan.partitions, log_level="info")
+        self.pipeline = Pipeline(work, partitions=plan.partitions)
         self.settings = self.pipeline.settings
         self.slots: list[WorkerProcess] = []
         self.armed: dict[int, str] = {}        # slot -> failpoint it was started with
