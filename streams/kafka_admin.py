@@ -4,6 +4,9 @@ co-partitioning), the rules topic and the delivered-report record are compacted.
 """
 from __future__ import annotations
 
+import asyncio
+import time
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -19,6 +22,18 @@ COMPACTED = {"tag_mappings_topic", "delivered_reports_topic"}
 #: its consumer's metadata at the first table write, which crashes the agent with
 #: PartitionsMismatch ("... has 0 partitions").
 CHANGELOG_TABLES = ("rule_versions", "reporting_state")
+#: How long a topic just created may stay missing from the broker's metadata. On a fresh
+#: KRaft broker a CreateTopics answer can come before the metadata of every new topic is
+#: published, so a describe right after it can show a topic with 0 partitions.
+METADATA_WAIT_S = 30.0
+
+
+def partition_counts(described: list[dict]) -> dict[str, int] | None:
+    """Partition count per topic from a DescribeTopics answer, or None while any topic is
+    still unknown to the broker's metadata (an error code, or no partitions yet)."""
+    if any(d["error_code"] != 0 or not d["partitions"] for d in described):
+        return None
+    return {d["topic"]: len(d["partitions"]) for d in described}
 
 
 async def ensure_topics(settings: Settings) -> list[str]:
@@ -46,13 +61,27 @@ async def ensure_topics(settings: Settings) -> list[str]:
                 created.append(new_topic.name)
             except TopicAlreadyExistsError:
                 pass
-        described = await admin.describe_topics(
-            [settings.topic("tag_events_topic"), settings.topic("contact_events_topic")])
-        counts = {d["topic"]: len(d["partitions"]) for d in described}
-        if len(set(counts.values())) != 1:
+        event_topics = [settings.topic("tag_events_topic"), settings.topic("contact_events_topic")]
+        counts = await _wait_for_metadata(admin, sorted(set(event_topics) | set(created)))
+        if len({counts[t] for t in event_topics}) != 1:
+            found = {t: counts[t] for t in event_topics}
             raise ConfigError(
-                f"event topics are not co-partitioned: {counts}; recreate them with the same "
+                f"event topics are not co-partitioned: {found}; recreate them with the same "
                 f"partition count (TAGSTREAM_PARTITIONS)")
         return created
     finally:
         await admin.close()
+
+
+async def _wait_for_metadata(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Partition count of each topic, once the broker's metadata has every one of them."""
+    deadline = time.monotonic() + METADATA_WAIT_S
+    while True:
+        counts = partition_counts(await admin.describe_topics(topics))
+        if counts is not None:
+            return counts
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"topics {topics} are still missing from the broker's metadata after "
+                f"{METADATA_WAIT_S:.0f} s; check the broker's log (deploy/kafka/kafka.sh status)")
+        await asyncio.sleep(0.1)
