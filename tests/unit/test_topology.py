@@ -18,3 +18,21 @@ def test_describe_names_the_whole_flow(tmp_path):
                  "tagstream.conversion-reports", "tagstream.unreportable", "tagstream.dead-letters",
                  "rule_versions", "reporting_state", "RuleReplica"):
         assert name in text
+
+
+def test_a_worker_at_log_level_warning_builds_no_debug_records(tmp_path):
+    # Faust's terminal spinner sets the root logger to DEBUG at level warning or above, so
+    # every debug call in aiokafka (one per produced record) built a LogRecord.
+    import logging
+
+    from streams.topology import DrainingWorker
+
+    topology = build_topology(Settings.load(overrides={"data_dir": str(tmp_path)}, environ={}))
+    worker = DrainingWorker(topology.app, topology.before_stop, loglevel="warning", quiet=True)
+    root_level = logging.root.level
+    try:
+        worker._setup_logging()
+        assert not logging.getLogger("aiokafka.producer.producer").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("aiokafka").isEnabledFor(logging.WARNING)
+    finally:
+        logging.root.setLevel(root_level)
