@@ -105,6 +105,7 @@ class ReportingState:
         self.cached_customers = cached_customers
         self.customers: OrderedDict[bytes, tuple[int, CustomerState]] = OrderedDict()
         self.clocks: dict[int, PartitionClock] = {}
+        self.marks: dict[TP, int] = {}      # applied offsets not staged yet
         self.buckets: dict[tuple[int, int], list[HoldEntry]] = {}
         self.dirty_clocks: set[int] = set()
         self.dirty_buckets: set[tuple[int, int]] = set()
@@ -156,9 +157,13 @@ class ReportingState:
         self.store.staged_bytes += 48 * len(entries)     # its share of the batch, an upper bound
 
     def stage_cached(self) -> None:
-        """Stage the changed clocks and buckets; forget the buckets (the next batch reads them
-        again, so the cache never grows past one batch's buckets)."""
+        """Stage the changed clocks and buckets and the applied-offset markers; forget the
+        buckets (the next batch reads them again, so the cache never grows past one batch's
+        buckets)."""
         stage = self.store.stage
+        for tp, offset in self.marks.items():
+            stage(tp.partition, b"o:%s:%d" % (tp.topic.encode(), tp.partition), b"%d" % offset)
+        self.marks.clear()
         for partition in self.dirty_clocks:
             stage(partition, b"k:%d" % partition, self.clocks[partition].encode())
         for partition, bucket in self.dirty_buckets:
@@ -176,11 +181,15 @@ class ReportingState:
             del self.customers[store_key]
 
     def applied_offset(self, tp: TP) -> Optional[int]:
+        if tp in self.marks:
+            return self.marks[tp]
         stored = self.store.get(tp.partition, b"o:%s:%d" % (tp.topic.encode(), tp.partition))
         return int(stored) if stored is not None else None
 
     def mark_applied(self, tp: TP, offset: int) -> None:
-        self.store.stage(tp.partition, b"o:%s:%d" % (tp.topic.encode(), tp.partition), b"%d" % offset)
+        """Staged with the batch's state (`stage_cached`): one marker per partition, not one
+        per event."""
+        self.marks[tp] = offset
 
 
 class CustomerEvents:

@@ -226,7 +226,8 @@ class ReportingEngine:
         key = customer_key(event.corp_id, event.external_userid)
         state = self.store.customer(key)
         horizon = clock.stream_time - self.policy.dedupe_horizon
-        if any(ts < horizon for ts in state.seen.values()):
+        seen = state.seen
+        if seen and min(seen.values()) < horizon:
             state.seen = {eid: ts for eid, ts in state.seen.items() if ts >= horizon}
         if event.event_id in state.seen:
             result.outcome = DUPLICATE
