@@ -52,6 +52,7 @@ def bench_png(result, out: Path) -> None:
         return
     charts = [_bars("Throughput (events/s), same run", [
         ("raw aiokafka passthrough", result.passthrough_rate, "#7f7f7f"),
+        ("+ per-customer state", result.stateful_passthrough_rate, "#bcbd22"),
         (f"tagstream ({result.ratio:.2f}×)", result.worker_rate, "#1f77b4")], "/s")]
     latency = []
     for share, rate, n, p50, p99, top, _ in result.latency:

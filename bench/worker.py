@@ -10,6 +10,9 @@
    with orjson, one dict lookup (the rule), serialize, produce in batches to an output topic
    with the same partitions, `acks=all`, committing every 2.8 s (Faust's default commit
    interval). Throughput is events per second from its first to its last record.
+   *Context, not the ceiling:* the same loop plus the least state a worker that reports
+   once per customer must keep: each customer's seen event ids, read from and written to
+   RocksDB and sent to a changelog topic (`CustomerIds`).
 3. **tagstream.** A real `tagstream worker` drains the same backlog (its own group).
    Throughput as above, from its /metrics. CPU per event and peak RSS from /proc.
 4. **Latency.** With the worker caught up, events arrive at fixed rates (25%, 50% and 80% of
@@ -31,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -49,6 +53,7 @@ SHAPE = LoadShape(corps=400, active_customers=20_000, events_per_customer=12)
 class Result:
     events: int
     passthrough_rate: float = 0.0
+    stateful_passthrough_rate: float = 0.0
     worker_rate: float = 0.0
     worker_cpu_us_per_event: float = 0.0
     worker_peak_rss_mb: float = 0.0
@@ -80,31 +85,67 @@ def produce(pipeline: Pipeline, records: list) -> None:
 
 # -- the passthrough ceiling --------------------------------------------------------------------
 
-def passthrough(pipeline: Pipeline, rules: list, events: int) -> float:
+def passthrough(pipeline: Pipeline, rules: list, events: int, stateful: bool = False) -> float:
     """The ceiling, in a fresh process of its own, as the worker is: the bench process holds
     the whole pre-generated load, and its garbage collections (seconds of them over a run)
     would otherwise slow the baseline and flatter the ratio."""
     import multiprocessing
     book = {r.key: r.value for r in rules}
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_passthrough_process, (pipeline.settings, book, events))
+        return pool.apply(_passthrough_process, (pipeline.settings, book, events, stateful))
 
 
-def _passthrough_process(settings, book: dict, events: int) -> float:
-    return asyncio.run(_passthrough(settings, book, events))
+def _passthrough_process(settings, book: dict, events: int, stateful: bool) -> float:
+    if not stateful:
+        return asyncio.run(_passthrough(settings, book, events))
+    with tempfile.TemporaryDirectory(prefix="tagstream-bench-state-") as state_dir:
+        return asyncio.run(_passthrough(settings, book, events, CustomerIds(Path(state_dir))))
 
 
-async def _passthrough(s, book: dict, events: int) -> float:
-    """Raw aiokafka: consume, parse, one lookup, serialize, produce in batches; events/s."""
-    out_topic = s.topic_prefix + "passthrough-out"
+class CustomerIds:
+    """The least state a worker that reports once per customer must keep (a context line in
+    the table, not the ceiling): per customer, the event ids seen, in RocksDB (WAL off, as
+    tagstream's store) and in a changelog topic, written once per fetched batch."""
+
+    def __init__(self, path: Path):
+        from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self.db = Rdict(str(path), options)
+        self.write_options = WriteOptions()
+        self.write_options.disable_wal = True
+        self.batch_class = WriteBatch
+
+    def update(self, key: bytes, event: dict, writes: dict) -> bytes:
+        stored = writes.get(key)
+        if stored is None:
+            stored = self.db.get(key)
+        seen = orjson.loads(stored) if stored is not None else {}
+        seen[event["event_id"]] = event["ts"]
+        return orjson.dumps(seen)
+
+    def write(self, writes: dict) -> None:
+        batch = self.batch_class(raw_mode=True)
+        for key, value in writes.items():
+            batch.put(key, value)
+        self.db.write(batch, self.write_options)
+
+
+async def _passthrough(s, book: dict, events: int, state: Optional[CustomerIds] = None) -> float:
+    """Raw aiokafka: consume, parse, one lookup, serialize, produce in batches; events/s.
+    With `state`, each event also updates its customer's state (`CustomerIds`), which goes
+    to a changelog topic with the output."""
+    out_topic = s.topic_prefix + ("stateful-passthrough-out" if state else "passthrough-out")
+    changelog = out_topic + "-changelog"
     admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(out_topic, PARTITIONS, 1)])
+        await admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in ((out_topic, changelog) if state else (out_topic,))])
     finally:
         await admin.close()
     consumer = AIOKafkaConsumer(s.topic("tag_events_topic"), s.topic("contact_events_topic"),
-                                bootstrap_servers=s.bootstrap_servers, group_id=f"{s.app_id}-passthrough",
+                                bootstrap_servers=s.bootstrap_servers,
+                                group_id=f"{s.app_id}-{'stateful-' if state else ''}passthrough",
                                 enable_auto_commit=False, auto_offset_reset="earliest")
     producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=1)
     await consumer.start()
@@ -117,12 +158,18 @@ async def _passthrough(s, book: dict, events: int) -> float:
                 first = time.monotonic()
             futures = []
             for tp, records in batches.items():
+                writes = {}
                 for record in records:
                     event = orjson.loads(record.value)
                     rule = book.get(f"{event['corp_id']}:{event.get('tag_id', '')}")
                     out = orjson.dumps({"event_id": event["event_id"], "mapped": rule is not None})
                     futures.append(await producer.send(out_topic, key=record.key, value=out, partition=tp.partition))
+                    if state is not None:
+                        value = writes[record.key] = state.update(record.key, event, writes)
+                        futures.append(await producer.send(changelog, key=record.key, value=value, partition=tp.partition))
                     done += 1
+                if writes:
+                    state.write(writes)
             if futures:
                 await asyncio.gather(*futures)
             if time.monotonic() - last_commit >= 2.8:
@@ -263,6 +310,8 @@ def run(events: int, latency_seconds: float, work: Path, seed: int = 7) -> Resul
     result.passthrough_rate = passthrough(pipeline, rules, len(log))
     result.passthrough_broker_cpu_us = (_broker_cpu() - broker_before) / len(log) * 1e6
     print(f"bench: passthrough {result.passthrough_rate:,.0f} events/s", file=sys.stderr, flush=True)
+    result.stateful_passthrough_rate = passthrough(pipeline, rules, len(log), stateful=True)
+    print(f"bench: stateful passthrough {result.stateful_passthrough_rate:,.0f} events/s", file=sys.stderr, flush=True)
     worker = pipeline.start_worker()
     try:
         worker.wait_for_rules(len(rules), timeout=120)
@@ -298,6 +347,9 @@ def table(result: Result) -> str:
              f"| passthrough ceiling (raw aiokafka) | {result.passthrough_rate:,.0f} events/s |",
              f"| tagstream worker | {result.worker_rate:,.0f} events/s |",
              f"| **tagstream ÷ passthrough** | **{result.ratio:.2f}** |",
+             f"| context: passthrough + per-customer event ids in RocksDB and a changelog | "
+             f"{result.stateful_passthrough_rate:,.0f} events/s ({result.stateful_passthrough_rate / result.passthrough_rate:.2f}× "
+             f"the passthrough; tagstream is {result.worker_rate / result.stateful_passthrough_rate:.2f}× it) |",
              f"| worker CPU per event | {result.worker_cpu_us_per_event:,.0f} µs |",
              f"| broker CPU per event: passthrough / tagstream | {result.passthrough_broker_cpu_us:,.0f} µs / "
              f"{result.worker_broker_cpu_us:,.0f} µs |",
