@@ -105,7 +105,8 @@ def _passthrough_process(settings, book: dict, events: int, stateful: bool) -> f
 class CustomerIds:
     """The least state a worker that reports once per customer must keep (a context line in
     the table, not the ceiling): per customer, the event ids seen, in RocksDB (WAL off, as
-    tagstream's store) and in a changelog topic, written once per fetched batch."""
+    tagstream's store) and in a changelog topic (producer record batches, as tagstream's
+    store), written once per fetched batch."""
 
     def __init__(self, path: Path):
         from rocksdict import Options, Rdict, WriteBatch, WriteOptions
@@ -165,10 +166,16 @@ async def _passthrough(s, book: dict, events: int, state: Optional[CustomerIds] 
                     out = orjson.dumps({"event_id": event["event_id"], "mapped": rule is not None})
                     futures.append(await producer.send(out_topic, key=record.key, value=out, partition=tp.partition))
                     if state is not None:
-                        value = writes[record.key] = state.update(record.key, event, writes)
-                        futures.append(await producer.send(changelog, key=record.key, value=value, partition=tp.partition))
+                        writes[record.key] = state.update(record.key, event, writes)
                     done += 1
-                if writes:
+                if writes:                    # the changelog in record batches, as tagstream's store
+                    batch = producer.create_batch()
+                    for key, value in writes.items():
+                        if batch.append(key=key, value=value, timestamp=None) is None:
+                            futures.append(await producer.send_batch(batch, changelog, partition=tp.partition))
+                            batch = producer.create_batch()
+                            batch.append(key=key, value=value, timestamp=None)
+                    futures.append(await producer.send_batch(batch, changelog, partition=tp.partition))
                     state.write(writes)
             if futures:
                 await asyncio.gather(*futures)
