@@ -90,7 +90,6 @@ class Settings:
     sink_max_backoff: int = _duration(30 * SECOND, "longest wait between retries of one request")
     sink_metrics_port: int = _setting(9465, "port of the sink's Prometheus /metrics endpoint (0: none)")
     batch_linger: int = _duration(50, "longest a batch of applied events waits for its group commit (reports are sent at once regardless)")
-    customer_cache: int = _setting(50_000, "customers kept decoded in memory between batches, most recently used (0: none); about 1 KiB each")
     batch_max: int = _setting(500, "most events applied before the worker waits for its reports' acks and writes its state (group commit)")
     metrics_port: int = _setting(9464, "port of the Prometheus /metrics endpoint (0: none)")
     metrics_interval: int = _duration(5 * SECOND, "how often consumer lag, table sizes and held reports are sampled for /metrics")
@@ -135,8 +134,6 @@ class Settings:
             raise ConfigError(f"TAGSTREAM_PARTITIONS={self.partitions}: must be at least 1, e.g. TAGSTREAM_PARTITIONS=4")
         if not self.broker.strip():
             raise ConfigError("TAGSTREAM_BROKER is empty: set it to e.g. kafka://127.0.0.1:9092")
-        if self.customer_cache < 0:
-            raise ConfigError(f"TAGSTREAM_CUSTOMER_CACHE={self.customer_cache}: must be 0 (no cache) or more, e.g. 50000")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"TAGSTREAM_LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
 

@@ -127,7 +127,6 @@ def build_topology(settings: Settings) -> Topology:
         policy=ReportingPolicy.from_settings(s),
         tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
         merge_wait_ms=s.merge_wait, batch_max=s.batch_max, batch_linger_ms=s.batch_linger,
-        cached_customers=s.customer_cache,
         conversion_reports_topic=names["conversion_reports"], unreportable_topic=names["unreportable"],
         dead_letters_topic=names["dead_letters"])
     # apply_customer_events: the consumer hands it whole fetched batches of both event topics
