@@ -166,13 +166,19 @@ ROWS = [
                   "standard type. Delayed types include their hold.",
                   [Query(_histogram("tagstream_event_to_report_seconds", "standard_type", 0.99), "p99 {{standard_type}}"),
                    Query(_histogram("tagstream_event_to_report_seconds", "standard_type", 0.5), "p50 {{standard_type}}")],
-                  "s"),
+                  "s", width=6),
         PanelSpec("Tagging delay (p50)", "How long after adding a customer staff tag them, per standard type.",
                   [Query(_histogram("tagstream_tagging_delay_seconds", "standard_type", 0.5), "{{standard_type}}")],
-                  "s"),
+                  "s", width=6),
         PanelSpec("Held delayed reports", "LONG_TERM and INVALID reports waiting for their hold to end.",
                   [Query(f"sum by (partition) (tagstream_held_reports{{{PARTITION}}})", "partition {{partition}}")],
-                  "short"),
+                  "short", width=6),
+        PanelSpec("Time stopped by the garbage collector", "Share of each worker's time its event loop was "
+                  "stopped by collections, per generation (2: full collections; the histogram "
+                  "tagstream_gc_pause_seconds has each pause). A pause delays every real-time report behind it.",
+                  [Query(f"max by (generation) (rate(tagstream_gc_pause_seconds_sum[{RATE}]))",
+                         "generation {{generation}}")],
+                  "percentunit", width=6),
     ]),
     RowSpec("Bad input", [
         PanelSpec("Dead letters by reason", "Malformed input records parked on tagstream.dead-letters.",

@@ -168,6 +168,7 @@ def cmd_worker(args, settings: Settings) -> int:
     _logging(settings)
     open_local_state(settings.data_dir)
     metrics.serve(settings.metrics_port)
+    metrics.watch_gc_pauses()
     topology = build_topology(settings)
     worker = DrainingWorker(topology.app, topology.before_stop, loglevel=settings.log_level, quiet=True)
     try:

@@ -129,3 +129,25 @@ def test_each_alert_fires_on_its_failure_and_stays_silent_when_healthy():
     assert run.returncode == 0, run.stdout + run.stderr
     tested = set(re.findall(r"alertname: (\w+)", (PROMETHEUS_DIR / "alerts_test.yml").read_text()))
     assert tested == {a.name for a in observability.ALERTS}
+
+
+def test_gc_pauses_are_timed_per_generation_once():
+    import gc
+
+    from prometheus_client import REGISTRY
+
+    from streams import metrics
+
+    def full_collections() -> float:
+        return REGISTRY.get_sample_value("tagstream_gc_pause_seconds_count", {"generation": "2"}) or 0.0
+
+    metrics.watch_gc_pauses()
+    metrics.watch_gc_pauses()                     # a second call adds no second callback
+    try:
+        assert gc.callbacks.count(metrics._on_gc) == 1      # noqa: SLF001
+        before = full_collections()
+        gc.collect()
+        assert full_collections() == before + 1
+        assert REGISTRY.get_sample_value("tagstream_gc_pause_seconds_sum", {"generation": "2"}) > 0
+    finally:
+        gc.callbacks.remove(metrics._on_gc)               # noqa: SLF001
