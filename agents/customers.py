@@ -84,6 +84,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _applied_key(tp: TP) -> bytes:
+    """State key of the offset of the last record of `tp` applied (`o:topic:partition`)."""
+    return b"o:%s:%d" % (tp.topic.encode(), tp.partition)
+
+
 class ReportingState:
     """The engine's `StateStore` (customers, clocks, hold index) on the changelogged store,
     plus the applied-offset markers. Steps run for one partition at a time: `partition`.
@@ -141,7 +146,7 @@ class ReportingState:
         buckets)."""
         stage = self.store.stage
         for tp, offset in self.marks.items():
-            stage(tp.partition, b"o:%s:%d" % (tp.topic.encode(), tp.partition), b"%d" % offset)
+            stage(tp.partition, _applied_key(tp), b"%d" % offset)
         self.marks.clear()
         for partition in self.dirty_clocks:
             stage(partition, b"k:%d" % partition, self.clocks[partition].encode())
@@ -159,7 +164,7 @@ class ReportingState:
     def applied_offset(self, tp: TP) -> Optional[int]:
         if tp in self.marks:
             return self.marks[tp]
-        stored = self.store.get(tp.partition, b"o:%s:%d" % (tp.topic.encode(), tp.partition))
+        stored = self.store.get(tp.partition, _applied_key(tp))
         return int(stored) if stored is not None else None
 
     def mark_applied(self, tp: TP, offset: int) -> None:

@@ -39,6 +39,7 @@ from typing import Optional
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from streams.kafka_admin import ensure_topics
 from streams.loadgen import LoadShape, TagTraffic
@@ -109,13 +110,11 @@ class CustomerIds:
     store), written once per fetched batch."""
 
     def __init__(self, path: Path):
-        from rocksdict import Options, Rdict, WriteBatch, WriteOptions
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         self.db = Rdict(str(path), options)
         self.write_options = WriteOptions()
         self.write_options.disable_wal = True
-        self.batch_class = WriteBatch
 
     def update(self, key: bytes, event: dict, writes: dict) -> bytes:
         stored = writes.get(key)
@@ -125,11 +124,22 @@ class CustomerIds:
         seen[event["event_id"]] = event["ts"]
         return orjson.dumps(seen)
 
-    def write(self, writes: dict) -> None:
-        batch = self.batch_class(raw_mode=True)
+    async def write(self, producer: AIOKafkaProducer, changelog: str, partition: int, writes: dict) -> list:
+        """One fetched batch's writes: to the changelog in producer record batches, and to
+        RocksDB in one write batch. Returns the deliveries to await."""
+        deliveries = []
+        batch = producer.create_batch()
         for key, value in writes.items():
-            batch.put(key, value)
-        self.db.write(batch, self.write_options)
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                deliveries.append(await producer.send_batch(batch, changelog, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        deliveries.append(await producer.send_batch(batch, changelog, partition=partition))
+        local = WriteBatch(raw_mode=True)
+        for key, value in writes.items():
+            local.put(key, value)
+        self.db.write(local, self.write_options)
+        return deliveries
 
 
 async def _passthrough(s, book: dict, events: int, state: Optional[CustomerIds] = None) -> float:
@@ -168,15 +178,8 @@ async def _passthrough(s, book: dict, events: int, state: Optional[CustomerIds] 
                     if state is not None:
                         writes[record.key] = state.update(record.key, event, writes)
                     done += 1
-                if writes:                    # the changelog in record batches, as tagstream's store
-                    batch = producer.create_batch()
-                    for key, value in writes.items():
-                        if batch.append(key=key, value=value, timestamp=None) is None:
-                            futures.append(await producer.send_batch(batch, changelog, partition=tp.partition))
-                            batch = producer.create_batch()
-                            batch.append(key=key, value=value, timestamp=None)
-                    futures.append(await producer.send_batch(batch, changelog, partition=tp.partition))
-                    state.write(writes)
+                if writes:
+                    futures += await state.write(producer, changelog, tp.partition, writes)
             if futures:
                 await asyncio.gather(*futures)
             if time.monotonic() - last_commit >= 2.8:

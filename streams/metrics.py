@@ -160,8 +160,7 @@ def watch_gc_pauses() -> None:
     170 ms was how a decoded-customer cache showed in p99 (README, "Performance")."""
     if _on_gc in gc.callbacks:
         return
-    children = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
-    _on_gc.children = children
+    _on_gc.children = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
     gc.callbacks.append(_on_gc)
 
 
