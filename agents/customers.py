@@ -4,7 +4,11 @@ the reporting engine (`streams.semantics`) to the changelogged `reporting_state`
 Both event topics are keyed by `corp_id:external_userid` and have the same partition count,
 so partition N of each lands on the same worker. Kafka orders each topic partition but not
 the two topics against each other, so arriving events go through `streams.merge` first and
-are applied in `ts` order (contacts first on ties).
+are applied in `ts` order (contacts first on ties). A head whose other topic has nothing
+buffered waits until that topic's partition is known to be received up to an end offset
+learned after the head arrived; the agent learns it with a ListOffsets request of its own
+(`_probe_end_offsets`), because the high-water mark of the last fetch can predate the
+records written since (issue 16; streams/merge.py has the argument).
 
 **Batches.** The worker's consumer (`streams.faust_consumer.BatchingConsumer`) hands this
 agent every fetched batch of both topics whole (`on_records`); Faust's per-record stream
@@ -36,7 +40,7 @@ from collections import Counter
 from typing import Optional
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.types import TP
 
 from agents import dead_letters
@@ -57,6 +61,9 @@ log = logging.getLogger(__name__)
 COMMIT_MAX_BYTES = 256 * 1024
 #: A producer record batch, and so the most state one changelog batch carries.
 PRODUCER_BATCH_BYTES = 512 * 1024
+#: The client id of the agent's producer (reports, dead letters, state changelog), so an
+#: operator can tell its traffic and quotas from Faust's own clients.
+PRODUCER_CLIENT_ID = "tagstream-worker"
 #: Sealed commits whose acks are awaited while the next batch is applied.
 MAX_COMMITS_IN_FLIGHT = 4
 
@@ -82,6 +89,19 @@ def freeze_heap() -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _monotonic_ms() -> float:
+    """The merge's clock: arrivals, probe times and `merge_wait` (never the wall clock, which
+    can step)."""
+    return time.monotonic() * 1000
+
+
+#: How long one end-offset probe may take before it counts as failed (the merge forces a
+#: head after `merge_wait` anyway; this only bounds how long a dead connection is awaited).
+PROBE_TIMEOUT_MS = 2_000
+#: Pause after a failed probe before the next (the broker is likely down or moving leaders).
+PROBE_RETRY_S = 0.2
 
 
 def _applied_key(tp: TP) -> bytes:
@@ -194,6 +214,16 @@ class CustomerEvents:
         self.merge: CoPartitionMerge = CoPartitionMerge(
             (contact_events_topic, tag_events_topic), max_wait_ms=merge_wait_ms)
         self.seen: dict[TP, int] = {}       # last offset received per input partition
+        # End offsets learned by this agent's own ListOffsets probes: TP -> (end, monotonic
+        # ms when the request was sent). Only knowledge younger than a head lets it go.
+        self.end_offsets: dict[TP, tuple[int, float]] = {}
+        self.probe_wanted: set[TP] = set()
+        self.prober: Optional[AIOKafkaConsumer] = None     # no group: ListOffsets only
+        self.probing: Optional[asyncio.Future] = None
+        self.release_wanted: set[int] = set()      # partitions whose probes were answered
+        self.releasing: Optional[asyncio.Future] = None
+        self.probe_failures = 0             # in a row
+        self.merge_exported = {"max_wait": 0, "max_buffered": 0}
         self.applied: dict[TP, Optional[int]] = {}  # last offset applied, from the state
         self.committable: dict[TP, int] = {}  # next offset to read after a restart, per partition
         self.restored: set[int] = set()     # partitions whose state was restored since assignment
@@ -218,7 +248,7 @@ class CustomerEvents:
         looked up in a partial book would look unmapped, and its report would be lost."""
         async with self.lock:
             await self._ready()
-            now_ms = _now_ms()
+            arrived = _monotonic_ms()
             offer = self.merge.offer
             for tp, batch in records.items():
                 topic, partition = tp.topic, tp.partition
@@ -237,7 +267,7 @@ class CustomerEvents:
                     if isinstance(decoded, Rejection):
                         await self._dead_letter(tp, record, decoded)
                         continue
-                    offer(partition, topic, decoded.ts, (tp, offset, decoded), now_ms)
+                    offer(partition, topic, decoded.ts, (tp, offset, decoded), arrived)
                 self.seen[tp] = seen
             for partition in {tp.partition for tp in records}:
                 await self._release(partition)
@@ -279,6 +309,8 @@ class CustomerEvents:
                 log.warning("offset commit at revocation failed: %r", exc)
             for tp in revoked:
                 self.seen.pop(tp, None)
+                self.end_offsets.pop(tp, None)
+                self.probe_wanted.discard(tp)
                 self.applied.pop(tp, None)
                 self.committable.pop(tp, None)
                 self.merge.forget(tp.partition)      # never committed: the new owner reads them again
@@ -303,8 +335,13 @@ class CustomerEvents:
         if not self.started:
             self.producer = self.store.producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap_servers, acks="all", enable_idempotence=True,
+                client_id=PRODUCER_CLIENT_ID,
                 linger_ms=1, max_batch_size=PRODUCER_BATCH_BYTES, max_request_size=2 * PRODUCER_BATCH_BYTES)
             await self.producer.start()
+            self.prober = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                request_timeout_ms=PROBE_TIMEOUT_MS, client_id="tagstream-merge-probe")
+            await self.prober.start()
             self.started = True
         missing = set(self._assigned_partitions()) - self.restored
         if missing:
@@ -317,9 +354,10 @@ class CustomerEvents:
                 self.heap_frozen = True
 
     async def _release(self, partition: int) -> None:
-        def caught_up(source: str) -> Optional[bool]:
-            return self._caught_up(TP(source, partition))
-        released = self.merge.release(partition, caught_up, _now_ms())
+        """Apply what the merge lets go of `partition` now."""
+        def caught_up(source: str, since: float) -> Optional[bool]:
+            return self._caught_up(TP(source, partition), since)
+        released = self.merge.release(partition, caught_up, _monotonic_ms)
         self.state.partition = partition
         on_event, mark_applied, outcomes = self.engine.on_event, self.state.mark_applied, self.outcomes
         now_ms = _now_ms()
@@ -333,8 +371,6 @@ class CustomerEvents:
                 await self._send(result, now_ms)
             if self._batch_at_limit():
                 await self._commit()          # each partition's commit stays one record batch
-        for cause, count in self.merge.forced.items():
-            metrics.MERGE_FORCED.labels(cause).set(count)
 
     async def _send(self, result: StepResult, now_ms: int) -> None:
         """Send a step's reports now (real-time reports are not held back by the batch);
@@ -369,6 +405,7 @@ class CustomerEvents:
         for (topic, outcome), n in self.outcomes.items():
             metrics.EVENTS.labels(topic, outcome).inc(n)
         self.outcomes.clear()
+        self._export_merge_stats()
         self.batch_events = 0
         self.batch_started = None
         self.state.stage_cached()
@@ -435,30 +472,108 @@ class CustomerEvents:
         return sorted(tp.partition for tp in consumer.assignment() if tp.topic == self.tag_events_topic)
 
     def _idle(self, partition: int) -> bool:
-        """No event of this partition is waiting or still unread on either topic."""
+        """No event of this partition is waiting or still unread on either topic (as far as
+        the latest end offsets known tell: the wall-clock flush needs no fresher answer)."""
         if partition in self.merge.waiting_partitions():
             return False
-        return all(self._caught_up(TP(source, partition)) is True for source in self.merge.sources)
+        return all(self._caught_up(TP(source, partition), float("-inf"), probe=False) is True
+                   for source in self.merge.sources)
 
-    def _caught_up(self, tp: TP) -> Optional[bool]:
-        """Has this worker received every record of `tp` up to its log end? True, False
-        (records are known to be waiting), or None (cannot tell yet)."""
-        consumer = self.app.consumer
-        log_end = consumer.highwater(tp)
-        if log_end is None:
-            return None                     # not fetched yet
+    def _position(self, tp: TP) -> Optional[int]:
+        """The next offset of `tp` this worker will receive (None: cannot tell yet)."""
         seen = self.seen.get(tp)
-        if seen is None:
-            # Nothing received since assignment: we start at the committed offset, which
-            # Faust records when it seeks after an assignment, or, with none committed, at
-            # the earliest offset the consumer rewound to. (Answering "unknown" there let a
-            # fresh group whose fetches brought tag events first apply them ahead of the
-            # contact events before them: found by the chaos run, see
-            # tests/integration/test_merge_catching_up.py.)
-            start = consumer._committed_offset.get(tp)  # noqa: SLF001
-            if start is None:
-                start = getattr(consumer, "rewound_to", {}).get(tp)
-            if start is None:
-                return True if log_end == 0 else None
-            seen = start - 1
-        return seen + 1 >= log_end
+        if seen is not None:
+            return seen + 1
+        # Nothing received since assignment: we start at the committed offset, which Faust
+        # records when it seeks after an assignment, or, with none committed, at the
+        # earliest offset the consumer rewound to. (Answering "unknown" there let a fresh
+        # group whose fetches brought tag events first apply them ahead of the contact
+        # events before them: found by the chaos run, see
+        # tests/integration/test_merge_catching_up.py.)
+        consumer = self.app.consumer
+        start = consumer._committed_offset.get(tp)  # noqa: SLF001
+        if start is None:
+            start = getattr(consumer, "rewound_to", {}).get(tp)
+        return start
+
+    def _caught_up(self, tp: TP, since: float, probe: bool = True) -> Optional[bool]:
+        """Has this worker received every record that was in `tp` at (monotonic ms) `since`?
+        True; False (records are known to be waiting); or None (not known as of `since`:
+        then, with `probe`, an end-offset probe is started, which calls the merge again when
+        the broker answers). The end offsets known: the high-water mark of the last fetch
+        (of unknown age) and this agent's probes (sent at a known moment)."""
+        known = []
+        log_end = self.app.consumer.highwater(tp)
+        if log_end is not None:
+            known.append((log_end, float("-inf")))
+        if tp in self.end_offsets:
+            known.append(self.end_offsets[tp])
+        position = self._position(tp)
+        if position is None:
+            return True if known and all(end == 0 for end, _ in known) else None
+        if any(position < end for end, _ in known):
+            return False
+        if known and max(as_of for _, as_of in known) >= since:
+            return True
+        if probe:
+            self._want_end_offset(tp)
+        return None
+
+    # -- end-offset probes -----------------------------------------------------------------
+    def _want_end_offset(self, tp: TP) -> None:
+        self.probe_wanted.add(tp)
+        if self.prober is not None and (self.probing is None or self.probing.done()):
+            self.probing = asyncio.ensure_future(self._probe_end_offsets())
+
+    async def _probe_end_offsets(self) -> None:
+        """Ask the broker for the end offsets of the partitions the merge waits on, one
+        request at a time (the wants that pile up meanwhile go in the next), and have the
+        merge go on with the answers. The requests go over this agent's own connection: on
+        the consumer's, they would queue behind a fetch the broker holds for
+        `fetch_max_wait`. Probing never waits for the agent's lock, so a worker busy with a
+        slow commit still learns what its waiting heads need."""
+        while self.probe_wanted:
+            wanted, self.probe_wanted = self.probe_wanted, set()
+            sent = _monotonic_ms()
+            try:
+                # aiokafka gives up after the client's request_timeout_ms (PROBE_TIMEOUT_MS)
+                ends = await self.prober.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in wanted])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:      # the broker is down or moving: merge_wait bounds the cost
+                metrics.MERGE_END_OFFSET_PROBES.labels("failed").inc()
+                if self.probe_failures % 50 == 0:
+                    log.warning("merge: end-offset probe failed (%r, %d in a row); events wait at most "
+                                "merge_wait for the other topic", exc, self.probe_failures + 1)
+                self.probe_failures += 1
+                self.probe_wanted |= wanted           # asked again after the pause
+                await asyncio.sleep(PROBE_RETRY_S)
+                continue
+            self.probe_failures = 0
+            metrics.MERGE_END_OFFSET_PROBES.labels("answered").inc()
+            for atp, end in ends.items():
+                tp = TP(atp.topic, atp.partition)
+                if tp.partition in self.restored:      # still ours
+                    self.end_offsets[tp] = (end, sent)
+            self.release_wanted |= {tp.partition for tp in wanted}
+            if self.releasing is None or self.releasing.done():
+                self.releasing = asyncio.ensure_future(self._release_probed())
+
+    async def _release_probed(self) -> None:
+        """Apply what the probes' answers let go (under the lock, after whatever holds it)."""
+        async with self.lock:
+            while self.release_wanted:
+                partitions, self.release_wanted = self.release_wanted, set()
+                for partition in sorted(partitions & set(self.merge.waiting_partitions())):
+                    await self._release(partition)
+            if self._batch_full():
+                await self._commit()
+
+    def _export_merge_stats(self) -> None:
+        stats = self.merge.stats
+        for wait_ms in stats.take_waits():
+            metrics.MERGE_WAIT_SECONDS.observe(wait_ms / 1000)
+        for cause, count in stats.forced.items():
+            if count > self.merge_exported[cause]:
+                metrics.MERGE_FORCED.labels(cause).inc(count - self.merge_exported[cause])
+                self.merge_exported[cause] = count

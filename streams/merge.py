@@ -8,15 +8,34 @@ topics' partition N and releases them in `ts` order; at equal `ts`, the source l
 first wins (contacts before tags: an identity recorded at the same millisecond as a tag
 counts for it). Each topic's own offset order is never changed.
 
-A head is released when every other source of its partition either has a later head
-buffered or has nothing more to deliver (is caught up with its log end). `caught_up`
-answers True, False (records are known to be waiting: keep waiting, however long the
-worker is busy elsewhere) or None (unknown, e.g. before the first fetch): only then does
-the head wait at most `max_wait_ms` of wall-clock time, the trade-off of Kafka Streams'
-`max.task.idle.ms`. A partition buffering more than `max_buffered` events is drained
-regardless, so a stalled topic cannot exhaust memory.
+**When a head may go while the other topic's buffer is empty.** Only once the worker
+knows that the other partition holds nothing unread that was already in the log when the
+head arrived. A record that was appended before the head (a contact event produced, and
+acknowledged, before the tag) is below the other partition's end offset as of any moment
+after the head arrived; so the head goes when the other partition has been received up
+to an end offset *learned after the head arrived* (`caught_up(source, since=arrived)`).
+An end offset learned earlier (the high-water mark of the last fetch response) proves
+nothing: under live load it predates the records written since, and applying the tag
+then lost its report (issue 16). `caught_up` answers:
 
-Plain Python: no Faust, no Kafka. The agent supplies `caught_up(source)` and the clock.
+- True: received up to an end offset learned at or after `since`;
+- False: records are known to be waiting (received less than any known end offset): wait
+  for them, however long the worker is busy elsewhere;
+- None: not known as of `since`. The agent asks the broker (a ListOffsets "probe", see
+  agents/customers.py) and calls `release` again when it answers. If the broker cannot
+  answer, the head waits at most `max_wait_ms` (the `merge_wait` setting) from the first
+  time the merge found the answer unknown, and then goes anyway, counted in
+  `forced["max_wait"]`.
+
+This is Kafka Streams' KIP-695 decision (wait while the other partition's lag is unknown
+or non-zero, up to `max.task.idle.ms`) with one difference: Kafka Streams trusts the lag
+from the consumer's last fetch response, which can be older than the head; tagstream
+requires end-offset knowledge younger than the head.
+
+A partition buffering more than `max_buffered` events is drained regardless (counted in
+`forced["max_buffered"]`), so a stalled topic cannot exhaust memory.
+
+Plain Python: no Faust, no Kafka. The agent supplies `caught_up` and a monotonic clock.
 """
 from __future__ import annotations
 
@@ -26,9 +45,26 @@ from typing import Callable, Generic, Hashable, Iterator, Optional, TypeVar
 
 Item = TypeVar("Item")
 
+#: caught_up(source, since_ms) -> True / False / None, as the module docstring says
+CaughtUp = Callable[[Hashable, float], Optional[bool]]
+#: () -> now, in the milliseconds of the arrival times given to `offer` (monotonic)
+Clock = Callable[[], float]
 
 # A buffered head: (ts, arrived_ms, item). A tuple, not an object: this is per event.
 TS, ARRIVED, ITEM = 0, 1, 2
+
+
+@dataclass
+class MergeStats:
+    """What the merge decided, for the metrics: how long each hold lasted (a partition's
+    next event held back for the other topic, from the first time the merge found it
+    blocked until it went), and events released without knowing the other side."""
+    waited_ms: list = field(default_factory=list)     # one entry per hold, until taken
+    forced: dict = field(default_factory=lambda: {"max_wait": 0, "max_buffered": 0})
+
+    def take_waits(self) -> list:
+        waits, self.waited_ms = self.waited_ms, []
+        return waits
 
 
 @dataclass
@@ -36,38 +72,59 @@ class PartitionMerge(Generic[Item]):
     """The merge buffer of one partition number."""
     sources: tuple[Hashable, ...]
     buffers: dict = field(default_factory=dict)
+    blocked: Optional[list] = None      # the hold of the first head, see `_hold`
 
     def __post_init__(self) -> None:
         self.buffers = {source: deque() for source in self.sources}
 
-    def offer(self, source: Hashable, ts: int, item: Item, now_ms: int) -> None:
+    def offer(self, source: Hashable, ts: int, item: Item, now_ms: float) -> None:
         self.buffers[source].append((ts, now_ms, item))
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.buffers.values())
 
-    def release(self, caught_up: Callable[[Hashable], Optional[bool]], now_ms: int,
-                max_wait_ms: int, max_buffered: int, forced: dict) -> Iterator[Item]:
-        """Yield the items that may be applied now, in merge order. Heads released before
-        the other topic is known to be caught up are counted in `forced`, by cause."""
+    def _hold(self, head: tuple, now_ms: float) -> list:
+        """The hold of `head`: [head, first moment the merge found it blocked, first moment
+        it was blocked on an unknown answer (or None)]."""
+        if self.blocked is None or self.blocked[0] is not head:
+            self.blocked = [head, now_ms, None]
+        return self.blocked
+
+    def release(self, caught_up: CaughtUp, clock: Clock, max_wait_ms: int, max_buffered: int,
+                stats: MergeStats) -> Iterator[Item]:
+        """Yield the items that may be applied now, in merge order. The consumer of this
+        generator may take its time between items (an item's reports are sent, a commit is
+        awaited), so the time is read from `clock` whenever it is needed, never once."""
         while True:
             heads = [(b[0][TS], rank, source) for rank, (source, b) in
                      enumerate(self.buffers.items()) if b]
             if not heads:
                 return
             ts, _, source = min(heads)
+            head = self.buffers[source][0]
             if len(heads) < len(self.sources):
-                waiting_on = [s for s, b in self.buffers.items() if not b]
-                head = self.buffers[source][0]
-                states = [caught_up(s) for s in waiting_on]
+                states = [caught_up(s, head[ARRIVED]) for s, b in self.buffers.items() if not b]
                 if not all(states):
+                    now_ms = clock()
+                    hold = self._hold(head, now_ms)
+                    if False not in states and hold[2] is None:
+                        # `merge_wait` runs from here: not from the head's arrival (a worker
+                        # busy with a large batch of other partitions may look at it seconds
+                        # later; that delay is the worker's, not the broker's), nor from a
+                        # wait for records known to be coming (once they came, the question
+                        # is a new one)
+                        hold[2] = now_ms
                     if len(self) > max_buffered:
-                        forced["max_buffered"] += 1
-                    elif None in states and False not in states and now_ms - head[ARRIVED] >= max_wait_ms:
-                        forced["max_wait"] += 1
+                        stats.forced["max_buffered"] += 1
+                    elif False not in states and now_ms - hold[2] >= max_wait_ms:
+                        stats.forced["max_wait"] += 1
                     else:
                         return
-            yield self.buffers[source].popleft()[ITEM]
+            self.buffers[source].popleft()
+            if self.blocked is not None and self.blocked[0] is head:
+                stats.waited_ms.append(clock() - self.blocked[1])
+                self.blocked = None
+            yield head[ITEM]
 
 
 class CoPartitionMerge(Generic[Item]):
@@ -78,18 +135,24 @@ class CoPartitionMerge(Generic[Item]):
         self.max_wait_ms = max_wait_ms
         self.max_buffered = max_buffered
         self.partitions: dict[int, PartitionMerge[Item]] = {}
-        self.forced = {"max_wait": 0, "max_buffered": 0}
+        self.stats = MergeStats()
 
-    def offer(self, partition: int, source: Hashable, ts: int, item: Item, now_ms: int) -> None:
+    @property
+    def forced(self) -> dict:
+        return self.stats.forced
+
+    def offer(self, partition: int, source: Hashable, ts: int, item: Item, now_ms: float) -> None:
         merge = self.partitions.get(partition)
         if merge is None:
             merge = self.partitions[partition] = PartitionMerge(self.sources)
         merge.offer(source, ts, item, now_ms)
 
-    def release(self, partition: int, caught_up: Callable[[Hashable], Optional[bool]], now_ms: int) -> Iterator[Item]:
+    def release(self, partition: int, caught_up: CaughtUp, clock: Clock) -> Iterator[Item]:
+        """The items of `partition` that may be applied now, by `clock` (the clock of
+        `offer`'s arrival times)."""
         merge = self.partitions.get(partition)
         if merge is not None:
-            yield from merge.release(caught_up, now_ms, self.max_wait_ms, self.max_buffered, self.forced)
+            yield from merge.release(caught_up, clock, self.max_wait_ms, self.max_buffered, self.stats)
 
     def oldest(self, partition: int, source: Hashable) -> Optional[Item]:
         """The first item of `source` still buffered for `partition` (None if none)."""

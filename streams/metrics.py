@@ -38,10 +38,21 @@ TAGGING_DELAY = Histogram(
     "Event time of the tag minus the customer's add time, per reported standard type",
     ["standard_type"],
     buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400))
-MERGE_FORCED = Gauge(
-    "tagstream_merge_forced_releases",
-    "Events applied before the other event topic was known to be caught up (possibly out of ts order), by cause",
+MERGE_WAIT_SECONDS = Histogram(
+    "tagstream_merge_wait_seconds",
+    "How long an input event waited in the event-time merge for the other event topic's partition "
+    "(events that could not be applied the moment they arrived; _count is how often the merge waited)",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 30))
+MERGE_FORCED = Counter(
+    "tagstream_merge_forced_total",
+    "Input events applied before the other event topic's partition was known to be caught up "
+    "(possibly out of ts order), by cause: max_wait (the broker did not answer within merge_wait), "
+    "max_buffered (the buffer was full)",
     ["cause"])
+MERGE_END_OFFSET_PROBES = Counter(
+    "tagstream_merge_end_offset_probes_total",
+    "ListOffsets requests the event-time merge sent to learn the other event topic's end offset, by outcome",
+    ["outcome"])
 HELD_REPORTS = Gauge(
     "tagstream_held_reports",
     "Delayed reports (LONG_TERM, INVALID) waiting for their deadline, per assigned partition (from the state table)",

@@ -196,8 +196,10 @@ class Replay:
         self.partitions.add(partition)
 
     def release(self, partition: int) -> None:
-        caught_up = lambda source: (source, partition) in self.done   # noqa: E731
-        for event in self.merge.release(partition, caught_up, 0):
+        # a replay reads finished logs: a source is caught up once read to its end, and until
+        # then records are known to be waiting (never "unknown")
+        caught_up = lambda source, since: (source, partition) in self.done   # noqa: E731
+        for event in self.merge.release(partition, caught_up, lambda: 0):
             result = self.engine.on_event(partition, event, _now_ms())
             self.summary.outcomes[result.outcome] += 1
             self._emit(result)

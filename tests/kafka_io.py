@@ -25,8 +25,13 @@ def throttle_fetches(byte_rate: Optional[int], client_id: str = WORKER_CLIENT_ID
     """Set (or, with None, remove) a broker quota on `client_id`'s fetches: a real Kafka
     client quota (`consumer_byte_rate`), set with the broker's own ConfigCommand. It makes a
     backlog last, and makes fetch responses arrive slowly and unevenly across partitions."""
-    change = ["--add-config", f"consumer_byte_rate={byte_rate}"] if byte_rate else \
-        ["--delete-config", "consumer_byte_rate"]
+    set_client_quota(client_id, "consumer_byte_rate", byte_rate)
+
+
+def set_client_quota(client_id: str, quota: str, byte_rate: Optional[int]) -> None:
+    """Set (or, with None, remove) the broker quota `quota` (`consumer_byte_rate` or
+    `producer_byte_rate`) of `client_id`."""
+    change = ["--add-config", f"{quota}={byte_rate}"] if byte_rate else ["--delete-config", quota]
     subprocess.run([str(KAFKA_SH), "tool", "kafka.admin.ConfigCommand", "--bootstrap-server", BOOTSTRAP,
                     "--alter", *change, "--entity-type", "clients", "--entity-name", client_id],
                    check=byte_rate is not None, capture_output=True)

@@ -9,9 +9,19 @@ What runs: the local Kafka broker, two `tagstream worker`s (a third joins and le
 1. **Log.** `tests/logs.generate_log` (every rule of SPEC §4: rule versions, removes around
    hold deadlines, the order window, customers without identity, retried event ids), shifted
    so that it ends a day ago, plus 5% poison (`tests/chaos/poison.py`: every dead-letter class,
-   random bytes, deep nesting, huge strings, wrong types, invalid UTF-8, no key). All of it
-   goes onto the topics before a worker starts, so the workers' event-time merge sees the
-   log order, which is what the reference model applies.
+   random bytes, deep nesting, huge strings, wrong types, invalid UTF-8, no key).
+   - The first `1 - live_share` of it goes onto the topics before a worker starts (a
+     backlog: a fresh group catching up).
+   - The rest arrives while the workers run (`live_share`, default half), paced over the
+     fault schedule and written as the real sources write (tests/live.py): in log order, a
+     record for the other event topic only once everything before it is acknowledged. So
+     workers at the head of their topics see contact and tag events arriving milliseconds
+     apart, through every fault (issue 16: the merge's live race).
+   Either way the workers' event-time merge must reproduce the log order, which is what
+   the reference model applies. The model has no wall clock, so the workers run with the
+   wall-clock hold flush (`idle_grace`) out of reach until the log is drained; then both are
+   restarted with the default, which releases the holds still open, as the model's final
+   flush does.
 2. **Pace.** A Kafka client quota (`consumer_byte_rate` on the workers' client id, set with
    the broker's own ConfigCommand) slows the workers' fetches so that the backlog lasts
    through the faults. Restores read the changelog under another client id, unthrottled.
@@ -40,6 +50,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,13 +62,21 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.observe import total
+from streams.settings import Settings
 from tests import kafka_io
 from tests.chaos.poison import Poison, poison_records
 from tests.integration.conftest import KAFKA_SH, Pipeline, SinkProcess, WorkerProcess, free_port
+from tests.live import LiveWriter
+from agents.customers import PROBE_TIMEOUT_MS
 from tests.logs import DAY, generate_log, kafka_partition
 from tests.marketing_api_server import Faults, MarketingApiServer, ServerThread
 from tests.reference_model import reference_reports
 
+#: The workers' `idle_grace` until the log is drained: a century, so the wall-clock hold flush
+#: (which the reference model does not have) cannot fire on a partition that idles between
+#: live records of a log that ended a day ago.
+NO_WALL_CLOCK_FLUSH_MS = 100 * 365 * DAY
+PROBE_TIMEOUT_S = PROBE_TIMEOUT_MS / 1000
 FAILPOINT_STEPS = ("reports-acked", "changelog-sent", "changelog-acked", "state-durable")
 TOKEN = "chaos-token-7d1e"
 
@@ -66,6 +85,7 @@ TOKEN = "chaos-token-7d1e"
 class Plan:
     events: int = 300_000
     poison_share: float = 0.05
+    live_share: float = 0.5                       # of the log, written while the workers run
     worker_kills: int = 10
     failpoint_restarts: int = 3        # of the kill restarts, how many arm a failpoint
     wiped_restarts: int = 2            # of the kill restarts, how many start on an empty data dir
@@ -105,6 +125,8 @@ class Fault:
 class Result:
     events: int = 0
     poison: int = 0
+    live_records: int = 0                 # written while the workers ran
+    live_error: str = ""
     faults: list[Fault] = field(default_factory=list)
     expected: int = 0
     accepted: int = 0
@@ -121,7 +143,8 @@ class Result:
     poison_wrong_reason: list[str] = field(default_factory=list)
     unexpected_dead_letters: int = 0
     unexpected_exits: list[str] = field(default_factory=list)
-    forced_merge_releases: int = 0
+    forced_merge_releases: int = 0        # outside broker outages: each one is a problem
+    forced_in_outages: int = 0            # while the broker was down (merge_wait's purpose)
     details: list[str] = field(default_factory=list)    # what the first differences look like
     poison_shapes: Counter = field(default_factory=Counter)
     seconds: float = 0.0
@@ -137,6 +160,8 @@ class Result:
             (self.unexpected_exits, "processes that exited by themselves"),
         ]
         out = [f"{len(items)} {what}: {items[:5]}" for items, what in checks if items]
+        if self.live_error:
+            out.append(f"the live writer failed: {self.live_error}")
         if self.duplicate_deliveries > self.in_doubt_resent:
             out.append(f"{self.duplicate_deliveries} duplicate deliveries, more than the "
                        f"{self.in_doubt_resent} in-doubt resends")
@@ -152,7 +177,8 @@ class Result:
         recovered = [f for f in self.faults if f.recovery_s is not None]
         worst = max(recovered, key=lambda f: f.recovery_s, default=None)
         lines = [
-            f"chaos run: {self.events:,} events + {self.poison:,} poison records, {self.seconds:.0f} s",
+            f"chaos run: {self.events:,} events + {self.poison:,} poison records, {self.seconds:.0f} s; "
+            f"{self.live_records:,} of the records written while the workers ran",
             f"faults injected: {len(self.faults)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})",
             f"reports expected (reference model): {self.expected:,}",
             f"accepted by the API: {self.accepted:,}",
@@ -170,7 +196,8 @@ class Result:
               for f in sorted(self.faults, key=lambda f: f.at_s)),
             f"worst recovery: {worst.recovery_s:.1f} s ({worst.kind}, {worst.detail})" if worst else "worst recovery: n/a",
         ]
-        lines.append(f"merge releases forced out of ts order: {self.forced_merge_releases}")
+        lines.append(f"merge releases forced out of ts order: {self.forced_merge_releases} "
+                     f"(and {self.forced_in_outages} while the broker was down)")
         problems = self.problems()
         lines += [f"  {d}" for d in self.details[:20]]
         lines.append("verdict: " + ("PASS" if not problems else "FAIL\n  " + "\n  ".join(problems)))
@@ -225,6 +252,7 @@ class ChaosRun:
         self.plan = plan
         self.keep_topics = keep_topics
         self.forced: dict[int, float] = {}     # worker pid -> merge releases it forced (last scrape)
+        self.outage_forced = 0.0               # of those, forced while the broker was down
         self.last_scrape = 0.0
         self.work = work
         self.out = out
@@ -237,6 +265,7 @@ class ChaosRun:
         self.started = 0.0
         self.server: Optional[MarketingApiServer] = None
         self.sink: Optional[SinkProcess] = None
+        self.writer: Optional[threading.Thread] = None
 
     def say(self, line: str) -> None:
         stamp = f"{time.monotonic() - self.started:6.0f}s" if self.started else "  prep"
@@ -273,19 +302,56 @@ class ChaosRun:
         self.pipeline.create_topics()
         self.pipeline.send(*[("tag_mappings", key, value) for key, value in rules])
         self.rules = len(rules)
-        self.say(f"producing {len(events):,} events and {len(poison):,} poison records")
-        metadata = asyncio.run(_produce(records))
-        poison_by_offset = {(metadata[i].topic, metadata[i].partition, metadata[i].offset): p
-                            for i, p in poison_at}
+        split = int(len(records) * (1 - plan.live_share))
+        self.live = records[split:]
+        self.result.live_records = len(self.live)
+        self.say(f"producing {split:,} of {len(records):,} records ({len(events):,} events and {len(poison):,} "
+                 f"poison) as a backlog; the rest arrives live")
+        self.metadata = asyncio.run(_produce(records[:split]))
+        self.poison_at = poison_at
         self.input_bytes = sum(len(k or b"") + len(v or b"") for _, k, v, _ in records)
-        return set(expected), expected, {r["outer_action_id"] for r in unreportable}, poison_by_offset
+        return set(expected), expected, {r["outer_action_id"] for r in unreportable}
+
+    def poison_by_offset(self) -> dict[tuple, Poison]:
+        """Where each poison record landed (once the live part is written)."""
+        return {(self.metadata[i].topic, self.metadata[i].partition, self.metadata[i].offset): p
+                for i, p in self.poison_at}
+
+    # -- the live part ---------------------------------------------------------------------
+    def start_live_writer(self, seconds: float) -> threading.Thread:
+        """Write `self.live` in a thread, paced to take about `seconds`; each record's
+        RecordMetadata is appended to `self.metadata`."""
+        async def write() -> None:
+            # a generous timeout: the broker restart fault stops it for seconds meanwhile
+            async with LiveWriter(request_timeout_ms=180_000) as writer:
+                started = time.monotonic()
+                deliveries = []
+                for i, (topic, key, value, ts) in enumerate(self.live):
+                    if i % 20 == 0:
+                        ahead = started + seconds * i / len(self.live) - time.monotonic()
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
+                    deliveries.append(await writer.write(topic, key, value, ts))
+                await writer.flush()
+                self.metadata += [d.result() for d in deliveries]
+
+        def run() -> None:
+            try:
+                asyncio.run(write())
+            except Exception as exc:       # noqa: BLE001 - reported in the verdict
+                self.result.live_error = repr(exc)
+            self.say(f"live writer done: {len(self.metadata):,} records on the topics")
+
+        thread = threading.Thread(target=run, name="live-writer", daemon=True)
+        thread.start()
+        return thread
 
     def _slot_settings(self, n: int):
         # Small fetches: under a byte-rate quota the broker throttles a client for as long as
         # its last response takes to pay off, and a default 1 MiB-per-partition fetch after a
         # rebalance bought a minute of silence, which is the quota's doing, not a recovery.
         return dataclasses.replace(self.settings, metrics_port=free_port(), partition_fetch_bytes=16 * 1024,
-                                   data_dir=str(self.work / f"worker-{n}-data"))
+                                   data_dir=str(self.work / f"worker-{n}-data"), idle_grace=NO_WALL_CLOCK_FLUSH_MS)
 
     def start_slot(self, n: int, failpoint: Optional[str] = None, wipe: bool = False) -> None:
         while len(self.slots) <= n:
@@ -302,16 +368,18 @@ class ChaosRun:
     def alive(self, n: int) -> bool:
         return n < len(self.slots) and self.slots[n].process is not None and self.slots[n].process.poll() is None
 
-    def scrape_forced(self) -> None:
-        """Every few seconds: how many merge releases each live worker forced (out of ts
-        order: should stay 0 on a complete backlog)."""
-        if time.monotonic() - self.last_scrape < 5:
-            return
+    def scrape_forced(self, now: bool = False) -> float:
+        """Every few seconds (or `now`): how many merge releases each live worker forced
+        without knowing the other topic (possibly out of ts order: 0 unless the broker is
+        down). Returns the total so far."""
+        if not now and time.monotonic() - self.last_scrape < 5:
+            return sum(self.forced.values())
         self.last_scrape = time.monotonic()
         for n in range(len(self.slots)):
             if self.alive(n):
-                value = total(self.slots[n].metrics(), "tagstream_merge_forced_releases")
+                value = total(self.slots[n].metrics(), "tagstream_merge_forced_total")
                 self.forced[self.slots[n].process.pid] = max(value, self.forced.get(self.slots[n].process.pid, 0))
+        return sum(self.forced.values())
 
     def supervise(self) -> None:
         """Restart a main worker that died by itself: by an armed failpoint (an injected fault,
@@ -369,6 +437,8 @@ class ChaosRun:
     def drained(self) -> bool:
         """The workers committed every input record, and the sink every report (or the API
         holds every expected action already)."""
+        if self.writer is not None and self.writer.is_alive():
+            return False
         offsets = _group_offsets(self.settings.app_id, self._input_tps())
         if offsets is None or any(c < end for c, end in offsets.values()):
             return False
@@ -420,11 +490,14 @@ class ChaosRun:
             fault.detail = f"{self.plan.burst_s:.0f} s of 70% retryable, 10% dropped, 5% slow"
             fault.recovery_s = self.wait(self.api_progressed(), self.plan.recovery_timeout_s)
         elif kind == "broker_restart":
+            forced_before = self.scrape_forced(now=True)
             _kafka("stop")
             time.sleep(3)
             _kafka("start")
             fault.detail = "stopped, 3 s down, started"
             fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
+            time.sleep(PROBE_TIMEOUT_S + 1)    # a probe sent just before the stop fails this late
+            self.outage_forced += self.scrape_forced(now=True) - forced_before
         index[kind] += 1
         self.result.faults.append(fault)
         self.say(f"{fault.kind}: {fault.detail}: {fault.recovery_text()}")
@@ -432,10 +505,14 @@ class ChaosRun:
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> Result:
         _kafka("start")
-        expected_ids, expected, unreportable_ids, poison = self.prepare()
+        expected_ids, expected, unreportable_ids = self.prepare()
         self.expected_ids = expected_ids
         faults = self.plan.faults()
-        byte_rate = max(20_000, int(self.input_bytes / (max(1, len(faults)) * self.plan.seconds_per_fault)))
+        schedule_s = max(1, len(faults)) * self.plan.seconds_per_fault
+        # The backlog lasts about the first third of the faults (the live part keeps coming
+        # meanwhile); after that the workers follow the live writer.
+        byte_rate = max(20_000, int(self.input_bytes * (1 - self.plan.live_share) / (schedule_s / 3)
+                                    + self.input_bytes * self.plan.live_share / (1.25 * schedule_s)))
         self.say(f"{self.input_bytes / 1e6:.1f} MB of input; workers throttled to {byte_rate / 1e3:.0f} kB/s "
                  f"for {len(faults)} faults")
         kafka_io.throttle_fetches(byte_rate)
@@ -450,6 +527,7 @@ class ChaosRun:
             self.slots[0].wait_for_rules(self.rules, timeout=120)
             self.start_slot(1)
             self.say("two workers and the sink are up")
+            self.writer = self.start_live_writer(1.25 * schedule_s)   # faults take longer than planned
             index: Counter = Counter()
             for kind in faults:
                 time.sleep(self.rng.uniform(*self.plan.gap_s))
@@ -459,6 +537,13 @@ class ChaosRun:
             self.say("faults done; throttle lifted; draining")
             if self.wait(self.drained, 600) is None:
                 self.say("did not drain in 600 s")
+            self.say("drained; restarting the workers with the default idle_grace to flush open holds")
+            for n in (0, 1):
+                self.slots[n].stop()
+                self.slots[n].settings = dataclasses.replace(self.slots[n].settings, idle_grace=Settings().idle_grace)
+                self.start_slot(n)
+            if self.wait(self.drained, 300) is None:
+                self.say("did not drain in 300 s after the restart")
             time.sleep(5)                     # anything sent twice arrives by now
             self.supervise()
             self.result.seconds = time.monotonic() - self.started
@@ -469,8 +554,10 @@ class ChaosRun:
             if self.sink is not None:
                 self.sink.stop()
             api.stop()
+        if self.writer is not None:
+            self.writer.join()
         try:
-            self.verify(expected, unreportable_ids, poison)
+            self.verify(expected, unreportable_ids, self.poison_by_offset())
         finally:
             self.pipeline.stop(delete_topics=not self.keep_topics)
         return self.result
@@ -488,7 +575,8 @@ class ChaosRun:
             "external_userid", "standard_type", "mode", "reason", "source_event_id", "action_time")}
         r.details += [f"lost: {brief(i)}" for i in r.lost[:5]]
         r.details += [f"differs: model {brief(i)}, API {accepted[i].action}" for i in r.wrong_content[:5]]
-        r.forced_merge_releases = int(sum(self.forced.values()))
+        r.forced_in_outages = int(self.outage_forced)
+        r.forced_merge_releases = int(sum(self.forced.values()) - self.outage_forced)
         r.duplicate_deliveries = sum(self.server.duplicates.values())
         sink_log = (self.work / "sink.log").read_text(errors="replace")
         r.in_doubt_resent = sum(int(line.split(" in doubt")[0].rsplit(" ", 1)[1])

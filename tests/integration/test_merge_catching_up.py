@@ -41,7 +41,7 @@ def test_a_fresh_group_on_a_throttled_fetch_still_merges_in_event_time_order(kaf
         worker = pipeline.start_worker()
         reports = pipeline.read("conversion_reports", timeout=240, settle=3.0,
                                 until=lambda rs: {orjson.loads(r.value)["outer_action_id"] for r in rs} >= expected_ids)
-        forced = total(worker.metrics(), "tagstream_merge_forced_releases")
+        forced = total(worker.metrics(), "tagstream_merge_forced_total")
     finally:
         kafka_io.throttle_fetches(None)
         pipeline.stop()
