@@ -227,6 +227,13 @@ class CustomerEvents:
         self.applied: dict[TP, Optional[int]] = {}  # last offset applied, from the state
         self.committable: dict[TP, int] = {}  # next offset to read after a restart, per partition
         self.restored: set[int] = set()     # partitions whose state was restored since assignment
+        # The partitions of this generation's assignment, from the group's own signals. Not
+        # the consumer's `assignment()`: between a revocation and the next assignment it
+        # still lists the revoked partitions, and the timer restored their state then; a
+        # partition that then went to another worker stayed "restored" here, so its state
+        # was not read again when it came back (found by the chaos run, issue 16).
+        self.assigned: set[int] = set()
+        self.stopping = False               # drained for a graceful stop: take no more work
         self.lock = asyncio.Lock()          # the agent and the timer take turns
         self.started = False
         self.heap_frozen = False
@@ -247,6 +254,8 @@ class CustomerEvents:
         consumer calls this only once the rule book is ready (agents/rules.py): an event
         looked up in a partial book would look unmapped, and its report would be lost."""
         async with self.lock:
+            if self.stopping:
+                return                      # not seen, not committable: the next owner's
             await self._ready()
             arrived = _monotonic_ms()
             offer = self.merge.offer
@@ -281,6 +290,8 @@ class CustomerEvents:
         if not self.replica.ready.is_set():
             return
         async with self.lock:
+            if self.stopping:
+                return
             await self._ready()
             for partition in self.merge.waiting_partitions():
                 await self._release(partition)
@@ -292,15 +303,24 @@ class CustomerEvents:
             await self._commit()
 
     async def drain(self) -> None:
-        """Before a graceful stop: commit the open batch, and from now on commit after every
-        fetched batch, so a stopped worker leaves nothing applied but uncommitted."""
+        """Before a graceful stop: commit the open batch, wait until every commit is durable,
+        and take no more work (batches fetched from now on are left to the partitions' next
+        owner, which reads them again from the committed offsets). A stopping worker stays in
+        the group until Faust stops it, and leaves it without a revocation; a commit still on
+        its way then could land in the changelog after the next owner has restored it."""
         async with self.lock:
-            self.batch_max = 1
+            self.stopping = True
             await self._flush()
             if self.started:
                 await self.producer.flush()
 
+    def on_partitions_assigned(self, assigned) -> None:
+        """The group's new assignment (eager protocol: all of it), before any record of it is
+        fetched."""
+        self.assigned = {tp.partition for tp in assigned if tp.topic == self.tag_events_topic}
+
     async def on_partitions_revoked(self, revoked) -> None:
+        self.assigned -= {tp.partition for tp in revoked}
         async with self.lock:
             await self._flush()
             try:
@@ -468,8 +488,7 @@ class CustomerEvents:
         return self.applied[tp]
 
     def _assigned_partitions(self) -> list[int]:
-        consumer = self.app.consumer
-        return sorted(tp.partition for tp in consumer.assignment() if tp.topic == self.tag_events_topic)
+        return sorted(self.assigned)
 
     def _idle(self, partition: int) -> bool:
         """No event of this partition is waiting or still unread on either topic (as far as
@@ -562,6 +581,8 @@ class CustomerEvents:
     async def _release_probed(self) -> None:
         """Apply what the probes' answers let go (under the lock, after whatever holds it)."""
         async with self.lock:
+            if self.stopping:
+                return
             while self.release_wanted:
                 partitions, self.release_wanted = self.release_wanted, set()
                 for partition in sorted(partitions & set(self.merge.waiting_partitions())):

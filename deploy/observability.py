@@ -180,6 +180,20 @@ ROWS = [
                          "generation {{generation}}")],
                   "percentunit", width=6),
     ]),
+    RowSpec("Event-time merge", [
+        PanelSpec("Merge hold time (p50, p99)", "How long the merge held a partition's next event back until the "
+                  "other event topic was known to be read far enough (usually one end-offset probe, a few ms).",
+                  [Query(f"histogram_quantile(0.99, sum by (le) (rate(tagstream_merge_wait_seconds_bucket[{RATE}])))",
+                         "p99"),
+                   Query(f"histogram_quantile(0.5, sum by (le) (rate(tagstream_merge_wait_seconds_bucket[{RATE}])))",
+                         "p50")], "s", width=12),
+        PanelSpec("Merge holds and forced releases", "Holds per second, and events applied without knowing that the "
+                  "other event topic was caught up (forced: after merge_wait with the broker not answering, or a "
+                  "full buffer). Forced releases may apply events out of ts order: 0 outside broker outages.",
+                  [Query(f"sum(rate(tagstream_merge_wait_seconds_count[{RATE}]))", "holds"),
+                   Query(f"sum by (cause) (rate(tagstream_merge_forced_total[{RATE}]))", "forced {{cause}}")],
+                  "ops", width=12),
+    ]),
     RowSpec("Bad input", [
         PanelSpec("Dead letters by reason", "Malformed input records parked on tagstream.dead-letters.",
                   [Query(f"sum by (topic, error) (rate(tagstream_dead_letters_total{{{TOPIC}}}[{RATE}]))",

@@ -49,6 +49,8 @@ MERGE_FORCED = Counter(
     "(possibly out of ts order), by cause: max_wait (the broker did not answer within merge_wait), "
     "max_buffered (the buffer was full)",
     ["cause"])
+for _cause in ("max_wait", "max_buffered"):      # exported as 0 from the start: rate() works
+    MERGE_FORCED.labels(_cause)
 MERGE_END_OFFSET_PROBES = Counter(
     "tagstream_merge_end_offset_probes_total",
     "ListOffsets requests the event-time merge sent to learn the other event topic's end offset, by outcome",

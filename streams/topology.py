@@ -147,7 +147,8 @@ def build_topology(settings: Settings) -> Topology:
     app.timer(s.metrics_interval / 1000)(_sync(health.refresh))
 
     @app.on_partitions_assigned.connect
-    async def count_rebalance(app, assigned, **kwargs):
+    async def on_assigned(app, assigned, **kwargs):
+        per_customer.on_partitions_assigned(assigned)
         health.on_assigned()
 
     async def export_consumer_lag() -> None:
