@@ -223,7 +223,6 @@ class CustomerEvents:
         self.release_wanted: set[int] = set()      # partitions whose probes were answered
         self.releasing: Optional[asyncio.Future] = None
         self.probe_failures = 0             # in a row
-        self.merge_exported = {"max_wait": 0, "max_buffered": 0}
         self.applied: dict[TP, Optional[int]] = {}  # last offset applied, from the state
         self.committable: dict[TP, int] = {}  # next offset to read after a restart, per partition
         self.restored: set[int] = set()     # partitions whose state was restored since assignment
@@ -594,7 +593,5 @@ class CustomerEvents:
         stats = self.merge.stats
         for wait_ms in stats.take_waits():
             metrics.MERGE_WAIT_SECONDS.observe(wait_ms / 1000)
-        for cause, count in stats.forced.items():
-            if count > self.merge_exported[cause]:
-                metrics.MERGE_FORCED.labels(cause).inc(count - self.merge_exported[cause])
-                self.merge_exported[cause] = count
+        for cause, count in stats.take_forced().items():
+            metrics.MERGE_FORCED.labels(cause).inc(count)

@@ -62,9 +62,17 @@ class MergeStats:
     waited_ms: list = field(default_factory=list)     # one entry per hold, until taken
     forced: dict = field(default_factory=lambda: {"max_wait": 0, "max_buffered": 0})
 
+    exported: dict = field(default_factory=lambda: {"max_wait": 0, "max_buffered": 0})
+
     def take_waits(self) -> list:
         waits, self.waited_ms = self.waited_ms, []
         return waits
+
+    def take_forced(self) -> dict:
+        """Forced releases since the last call, by cause (for a counter's `inc`)."""
+        new = {cause: n - self.exported[cause] for cause, n in self.forced.items() if n > self.exported[cause]}
+        self.exported = dict(self.forced)
+        return new
 
 
 @dataclass

@@ -6,8 +6,8 @@ the same partitions. Kafka orders each topic partition, not the two topics again
 other; what a source can promise is that an event it wrote earlier is *acknowledged* before
 it writes a later event to the other topic. `LiveWriter` keeps that promise: in log order,
 and whenever the next record goes to the other event topic than the one before it, it first
-waits for every earlier record's ack. (`ordered=False` does not wait: back to back on one
-producer, which on one broker is ordered in practice but not by contract.)
+waits for every earlier record's ack. (Back to back on one producer, without that wait, is
+not ordered: README, "Ordering across the two event topics".)
 """
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ from tests import kafka_io
 
 
 class LiveWriter:
-    def __init__(self, ordered: bool = True, bootstrap: str = kafka_io.BOOTSTRAP, **producer_settings):
-        self.ordered = ordered
+    def __init__(self, bootstrap: str = kafka_io.BOOTSTRAP, **producer_settings):
         self.producer = AIOKafkaProducer(**{
             "bootstrap_servers": bootstrap, "acks": "all", "enable_idempotence": True, "linger_ms": 1,
             "client_id": "tagstream-live-writer", **producer_settings})
         self.pending: list = []
         self.last_topic: Optional[str] = None
-        self.written = 0
 
     async def __aenter__(self) -> "LiveWriter":
         await self.producer.start()
@@ -42,7 +40,7 @@ class LiveWriter:
     async def write(self, topic: str, key: bytes, value: Optional[bytes],
                     timestamp_ms: Optional[int] = None) -> asyncio.Future:
         """Queue one record; returns the future of its RecordMetadata."""
-        if self.ordered and self.last_topic is not None and topic != self.last_topic:
+        if self.last_topic is not None and topic != self.last_topic:
             await self.flush()
         delivery = await self.producer.send(topic, key=key, value=value, timestamp_ms=timestamp_ms)
         self.pending.append(delivery)
@@ -52,6 +50,4 @@ class LiveWriter:
     async def flush(self) -> list:
         """Wait for every record written so far; returns their RecordMetadata."""
         pending, self.pending = self.pending, []
-        done = list(await asyncio.gather(*pending))
-        self.written += len(done)
-        return done
+        return list(await asyncio.gather(*pending))
