@@ -266,7 +266,7 @@ class CustomerEvents:
                 for record in batch:
                     offset = record.offset
                     if offset <= seen:
-                        continue                 # fetched again after a seek: already taken
+                        continue                 # handed over again after a seek back: already taken
                     seen = offset
                     if applied is not None and offset <= applied:
                         self.outcomes[(topic, "redelivered")] += 1
@@ -502,17 +502,12 @@ class CustomerEvents:
         seen = self.seen.get(tp)
         if seen is not None:
             return seen + 1
-        # Nothing received since assignment: we start at the committed offset, which Faust
-        # records when it seeks after an assignment, or, with none committed, at the
-        # earliest offset the consumer rewound to. (Answering "unknown" there let a fresh
-        # group whose fetches brought tag events first apply them ahead of the contact
-        # events before them: found by the chaos run, see
+        # Nothing received since assignment: the consumer hands over records from the
+        # committed offset, or, with none committed, from the earliest offset it rewound to.
+        # (Answering "unknown" there let a fresh group whose fetches brought tag events first
+        # apply them ahead of the contact events before them: found by the chaos run, see
         # tests/integration/test_merge_catching_up.py.)
-        consumer = self.app.consumer
-        start = consumer._committed_offset.get(tp)  # noqa: SLF001
-        if start is None:
-            start = getattr(consumer, "rewound_to", {}).get(tp)
-        return start
+        return getattr(self.app.consumer, "next_offsets", {}).get(tp)
 
     def _caught_up(self, tp: TP, since: float, probe: bool = True) -> Optional[bool]:
         """Has this worker received every record that was in `tp` at (monotonic ms) `since`?

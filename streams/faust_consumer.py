@@ -13,14 +13,19 @@ contact-event partitions.
 
 `RewindingConsumer.perform_seek` rewinds such partitions to their earliest offset, which
 is what `auto_offset_reset=earliest` promises for a partition with no committed offset, and
-remembers it in `rewound_to`: the offset of the first record such a partition will deliver,
-which the agent's event-time merge needs to tell "records waiting" from "caught up" before
-anything has arrived (agents/customers.py, `_caught_up`).
+remembers it in `rewound_to`. `BatchingConsumer.next_offsets` then holds, per partition,
+the offset of the first record the handler will receive, which the agent's event-time merge
+needs to tell "records waiting" from "caught up" before anything has arrived
+(agents/customers.py, `_caught_up`).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+
+from streams import metrics
 
 
 class RewindingConsumer(faust_aiokafka.Consumer):
@@ -41,6 +46,28 @@ class RewindingConsumer(faust_aiokafka.Consumer):
                           "earliest offset", len(uncommitted))
 
 
+def continuing(batches: dict, next_offsets: dict, refetching: frozenset) -> tuple[dict, dict, frozenset]:
+    """Which fetched batches continue each partition's sequence (see `BatchingConsumer`).
+
+    `batches`: {tp: [record, ...]} in offset order; `next_offsets`: {tp: the offset the
+    handler is to receive next}; `refetching`: partitions sought back to it since their last
+    batch. Returns (the batches to hand over, with records before `next_offsets` cut off;
+    {tp: offset} to seek back to, for batches that start past it; the new `refetching`).
+    A partition without a next offset is not this generation's: its batch is dropped."""
+    handed, seek_back = {}, {}
+    for tp, batch in batches.items():
+        expected = next_offsets.get(tp)
+        if expected is None:
+            continue
+        if batch[0].offset < expected:
+            batch = [record for record in batch if record.offset >= expected]
+            if not batch:
+                continue
+        if batch[0].offset > expected and tp not in refetching:
+            seek_back[tp] = expected
+            continue
+        handed[tp] = batch
+    return handed, seek_back, frozenset(seek_back) | (refetching - set(handed))
 
 
 #: How long the broker may hold a fetch with no data. Faust fixes 1,500 ms; while a fetch
@@ -75,6 +102,25 @@ class BatchingConsumer(RewindingConsumer):
     the rules topic whose fold the handler would be waiting for; rewinding without pausing
     fetched the same records again and again, which under a fetch quota starved the rules
     topic too.
+
+    **Every record once, in order.** The handler sees each partition's records as one
+    contiguous sequence, starting where the group's committed offset (or the rewind) says,
+    with nothing skipped. aiokafka moves a partition's position as soon as it returns
+    records, and Faust drops returned records in several places (a partition not active yet,
+    flow stopped, a generation changed); it repairs that for its own streams with the seek
+    after each assignment. But after an assignment Faust resumes the stream partitions
+    *before* that seek, and a batch handed over from the old position, followed by the
+    seek's batch, looked like "records already taken" to the handler: a dropped batch's
+    records were never applied, and the batch after it was applied ahead of them (the
+    chaos run's lost stretches, issue 16). So this consumer keeps `next_offsets`, the offset
+    the handler is to receive next per partition: set by `perform_seek` for the generation it
+    ran in, advanced by each batch handed over. Before that seek nothing is handed over. A
+    batch that starts past `next_offsets` (records were dropped on the way) is not handed
+    over: the partition is sought back and fetched again (counted in
+    `tagstream_input_refetches_total`). Only a batch fetched right after such a seek may
+    start later, because then the log itself has no records in between (transaction markers,
+    compaction). A batch this consumer drops itself (its partition not active) is sought
+    back at once.
     """
 
     def _new_consumer_thread(self):
@@ -87,6 +133,30 @@ class BatchingConsumer(RewindingConsumer):
     committable: dict = {}        # the handler's; never mutated here
 
     held: frozenset = frozenset()     # partitions paused until `batch_ready()`
+    # set by `perform_seek` (instance attributes from then on; see the class docstring)
+    next_offsets: dict = {}       # TP -> the offset the handler is to receive next
+    positioned_generation: Optional[int] = None    # the generation `next_offsets` belong to
+    refetching: frozenset = frozenset()   # partitions sought back to `next_offsets` since their last batch
+
+    async def perform_seek(self) -> None:
+        generation = self.app.consumer_generation_id
+        self.positioned_generation = None        # nothing is handed over while seeking
+        await super().perform_seek()
+        next_offsets = {}
+        for tp in self.assignment():
+            if tp.topic in self.batch_topics:
+                start = self._committed_offset.get(tp)
+                if start is None:
+                    start = self.rewound_to.get(tp)
+                if start is None:                # neither committed nor rewound: ask the client
+                    start = await self._thread.position(tp)
+                next_offsets[tp] = start
+        # Batches dropped while this ran (nothing is handed over until it ends) moved the
+        # positions: put them back where the handler starts.
+        await self._thread.seek_wait(next_offsets)
+        self.next_offsets, self.refetching = next_offsets, frozenset()
+        if generation == self.app.consumer_generation_id:
+            self.positioned_generation = generation
 
     async def _wait_next_records(self, timeout: float):
         if self.held and self.batch_ready():
@@ -101,9 +171,16 @@ class BatchingConsumer(RewindingConsumer):
         for tp in taken:
             del records[tp]
         # What Faust's getmany would do with them: drop them while flow is stopped (a
-        # rebalance seeks back to the committed offsets) or for a paused partition.
-        taken = {tp: batch for tp, batch in taken.items()
-                 if active is None or tp in active or tp in self._buffered_partitions}
+        # rebalance seeks back to the committed offsets) or for a paused partition; and,
+        # until this generation's seek, drop everything.
+        if not (self.flow_active and generation == self.positioned_generation):
+            return records, active
+        inactive = {tp: self.next_offsets[tp] for tp in taken if tp in self.next_offsets and not (
+            active is None or tp in active or tp in self._buffered_partitions)}
+        if inactive:                             # fetched again once active, from where the handler is
+            await self._thread.seek_wait(inactive)
+            self.refetching |= set(inactive)
+        taken = await self._contiguous({tp: batch for tp, batch in taken.items() if tp not in inactive})
         if taken and self.flow_active and generation == self.app.consumer_generation_id:
             if not self.batch_ready():
                 await self._thread.seek_wait({tp: batch[0].offset for tp, batch in taken.items()})
@@ -112,10 +189,24 @@ class BatchingConsumer(RewindingConsumer):
                 self.log.info("holding %d input partitions until the rule book is ready", len(paused))
                 self.held |= paused
                 return records, active
+            for tp, batch in taken.items():
+                self.next_offsets[tp] = batch[-1].offset + 1
             await self.batch_handler(taken)
             for tp, batch in taken.items():
                 self._read_offset[tp] = batch[-1].offset
         return records, active
+
+    async def _contiguous(self, taken: dict) -> dict:
+        """The batches that continue where the handler left off; partitions whose batch
+        started too late are sought back (`continuing`)."""
+        handed, seek_back, self.refetching = continuing(taken, self.next_offsets, self.refetching)
+        if seek_back:
+            for tp in seek_back:
+                metrics.INPUT_REFETCHES.labels(tp.topic).inc()
+            self.log.info("fetching again from %s: records before the batch fetched were dropped on the way",
+                          ", ".join(f"{tp.topic}[{tp.partition}]@{offset}" for tp, offset in sorted(seek_back.items())))
+            await self._thread.seek_wait(seek_back)
+        return handed
 
     def _filter_tps_with_pending_acks(self, topics=None):
         yield from super()._filter_tps_with_pending_acks(topics)

@@ -55,6 +55,11 @@ MERGE_END_OFFSET_PROBES = Counter(
     "tagstream_merge_end_offset_probes_total",
     "ListOffsets requests the event-time merge sent to learn the other event topic's end offset, by outcome",
     ["outcome"])
+INPUT_REFETCHES = Counter(
+    "tagstream_input_refetches_total",
+    "Input partitions sought back because records before a fetched batch were dropped on the way "
+    "(around rebalances); the records were fetched again, none was skipped",
+    ["topic"])
 HELD_REPORTS = Gauge(
     "tagstream_held_reports",
     "Delayed reports (LONG_TERM, INVALID) waiting for their deadline, per assigned partition (from the state table)",
