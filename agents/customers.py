@@ -1,21 +1,21 @@
 """Per-customer processing: tag events and contact events, merged in event time, applied by
-the reporting engine (`streams.semantics`) to the changelogged `reporting_state`.
+the reporting engine (`streams.core.semantics`) to the changelogged `reporting_state`.
 
 Both event topics are keyed by `corp_id:external_userid` and have the same partition count,
 so partition N of each lands on the same worker. Kafka orders each topic partition but not
-the two topics against each other, so arriving events go through `streams.merge` first and
+the two topics against each other, so arriving events go through `streams.core.merge` first and
 are applied in `ts` order (contacts first on ties). A head whose other topic has nothing
 buffered waits until that topic's partition is known to be received up to an end offset
 learned after the head arrived; the agent learns it with a ListOffsets request of its own
 (`_probe_end_offsets`), because the high-water mark of the last fetch can predate the
-records written since (issue 16; streams/merge.py has the argument).
+records written since (issue 16; streams/core/merge.py has the argument).
 
-**Batches.** The worker's consumer (`streams.faust_consumer.BatchingConsumer`) hands this
+**Batches.** The worker's consumer (`streams.kafka.faust_consumer.BatchingConsumer`) hands this
 agent every fetched batch of both topics whole (`on_records`); Faust's per-record stream
 machinery is not on this path. Steps are applied at once and their reports sent at once;
 then, once per batch (group commit: `batch_max` events, `batch_linger`, or staged state near
 `COMMIT_MAX_BYTES`), the agent waits for the broker's acks of those reports, commits the
-state (`streams.state_store`) and only then moves the offsets Faust may commit
+state (`streams.state.store`) and only then moves the offsets Faust may commit
 (`committable`). So the state never says "reported" for a lost report, and no offset is
 committed before its step is in the state. A record waiting in the merge buffer holds its
 partition's committable offset back; a crash or rebalance re-delivers it.
@@ -46,18 +46,18 @@ from faust.types import TP
 from agents import dead_letters
 from agents.rules import RuleReplica
 from schemas.validation import Rejection, decode_contact_event, decode_tag_event
-from streams import metrics
-from streams.failpoints import failpoint
-from streams.merge import CoPartitionMerge
-from streams.semantics import (
+from streams.observability import metrics
+from streams.state.failpoints import failpoint
+from streams.core.merge import CoPartitionMerge
+from streams.core.semantics import (
     CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, StepResult)
-from streams.state_store import ChangeloggedStore
+from streams.state.store import ChangeloggedStore
 
 log = logging.getLogger(__name__)
 
 #: Commit before the staged state (all partitions together) reaches this, so each
 #: partition's commit fits one producer record batch: appended whole by the broker, it needs
-#: no journal (streams/state_store.py).
+#: no journal (streams/state/store.py).
 COMMIT_MAX_BYTES = 256 * 1024
 #: A producer record batch, and so the most state one changelog batch carries.
 PRODUCER_BATCH_BYTES = 512 * 1024
@@ -244,7 +244,7 @@ class CustomerEvents:
         self.batch_events = 0
         self.deliveries: list = []
         self.outcomes: Counter = Counter()
-        self.durable: Optional[asyncio.Future] = None   # the last commit on its way (streams/state_store.py)
+        self.durable: Optional[asyncio.Future] = None   # the last commit on its way (streams/state/store.py)
         self.failed: Optional[BaseException] = None
 
     # -- entry points --------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Optional
 import orjson
 
 from schemas.validation import Rejection
-from streams import metrics
+from streams.observability import metrics
 
 
 def dead_letter_value(rejection: Rejection, *, topic: str, partition: int, offset: int,

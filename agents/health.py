@@ -1,12 +1,12 @@
 """The worker's own state as Prometheus gauges, refreshed by a timer: rebalancing and table
 recovery, assigned partitions, table sizes and held reports. (Consumer lag is exported by
-`streams.lag`, which every tagstream process runs.)"""
+`streams.observability.lag`, which every tagstream process runs.)"""
 from __future__ import annotations
 
 import logging
 from typing import Optional
 
-from streams import metrics
+from streams.observability import metrics
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from agents.dead_letters import park
 from schemas.records import rule_key
 from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
-from streams import metrics
-from streams.rulebook import RuleBook, decode_history, encode_history, with_rule
+from streams.observability import metrics
+from streams.core.rulebook import RuleBook, decode_history, encode_history, with_rule
 
 log = logging.getLogger(__name__)
 

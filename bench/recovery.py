@@ -6,7 +6,7 @@ from the changelog.
 The `reporting_state` changelog is seeded directly with N customer states shaped like the
 load generator's (identity, one add time, a dozen event ids seen, one reported type), each
 on the partition its customer's events use. Then a worker starts with an empty data
-directory, as after a crash (`streams/local_state.py` wipes unclean state the same way). The
+directory, as after a crash (`streams/state/local.py` wipes unclean state the same way). The
 harness reports the time from process start until table recovery has finished and every
 partition is assigned, the keys restored (RocksDB's estimate), and the worker's peak RSS.
 
@@ -28,9 +28,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from bench.worker import SHAPE, _proc, backlog, drain, produce
-from streams.kafka_admin import ensure_topics
-from streams.observe import total
-from streams.semantics import CustomerState
+from streams.kafka.admin import ensure_topics
+from streams.observability.observe import total
+from streams.core.semantics import CustomerState
 from tests.integration.conftest import KAFKA_SH, Pipeline
 
 PARTITIONS = 4

@@ -29,9 +29,9 @@ from pathlib import Path
 import orjson
 
 from bench.worker import drain
-from streams.loadgen import LoadShape, TagTraffic
-from streams.replay import format_time
-from streams.observe import total
+from streams.sources.loadgen import LoadShape, TagTraffic
+from streams.replay.run import format_time
+from streams.observability.observe import total
 from tests.integration.conftest import KAFKA_SH, REPO, Pipeline
 
 PARTITIONS = 4

@@ -31,8 +31,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.kafka_admin import ensure_topics
-from streams.marketing_api import MarketingApiClient, RateLimiter, TokenSource, pack
+from streams.kafka.admin import ensure_topics
+from streams.sinks.marketing_api import MarketingApiClient, RateLimiter, TokenSource, pack
 from streams.settings import Settings
 from tests import kafka_io
 from tests.integration.conftest import KAFKA_SH, REPO, Pipeline, SinkProcess, free_port

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.worker                  # full size (make bench)
     .venv/bin/python -m bench.worker --events 20000 --latency-seconds 5   # CI size
 
-1. **Load.** The product's generator (`streams/loadgen.py`) with many corps (thousands of
+1. **Load.** The product's generator (`streams/sources/loadgen.py`) with many corps (thousands of
    rule versions), contacts ahead of tags, mostly unmapped tags and repeats. Rules first,
    then `--events` events go onto fresh topics (4 partitions) as a backlog.
 2. **Ceiling: passthrough.** A raw aiokafka loop over the same two topics: `getmany`, parse
@@ -41,8 +41,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from streams.kafka_admin import ensure_topics
-from streams.loadgen import LoadShape, TagTraffic
+from streams.kafka.admin import ensure_topics
+from streams.sources.loadgen import LoadShape, TagTraffic
 from tests.integration.conftest import KAFKA_SH, Pipeline
 from tests.logs import kafka_partition
 

@@ -12,7 +12,7 @@ threshold drawn on it, so what pages someone is what they see first. Panels and 
 plain data below (`ROWS`, `ALERTS`); the tests evaluate every query against a real
 Prometheus scraping a real worker and sink (tests/integration/test_observability.py).
 
-Lag series are exported by every tagstream process (streams/lag.py), so panels take
+Lag series are exported by every tagstream process (streams/observability/lag.py), so panels take
 `max by (group, topic, partition)` across processes before summing.
 """
 from __future__ import annotations

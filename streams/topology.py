@@ -5,7 +5,7 @@
                                                                          │ rule_as_of(key, ts)
     tag-events ─────┐  fetched batches                                   ▼
                     ├─ merged by ts ─▶ apply_customer_events ◀──▶ [reporting_state]
-    contact-events ─┘                        │                     (streams/state_store.py)
+    contact-events ─┘                        │                     (streams/state/store.py)
                                              ├──▶ conversion-reports
                                              ├──▶ unreportable
     bad input (any source) ──────────────────┴──▶ dead-letters
@@ -16,8 +16,8 @@ tagstream itself, so no Faust codec runs on the hot path.
 
 Faust runs the group (co-partitioned assignment, rebalances, offset commits), the rules
 agent and its table, and the timers. The hot path skips Faust's per-record machinery: the
-consumer hands `apply_customer_events` whole fetched batches (streams/faust_consumer.py),
-and `reporting_state` is committed and restored in batches (streams/state_store.py);
+consumer hands `apply_customer_events` whole fetched batches (streams/kafka/faust_consumer.py),
+and `reporting_state` is committed and restored in batches (streams/state/store.py);
 README "Performance" has the profiles behind this.
 """
 from __future__ import annotations
@@ -34,11 +34,11 @@ import faust
 from agents.customers import CustomerEvents
 from agents.health import WorkerHealth, faust_table_keys
 from agents.rules import RuleReplica, fold_rule_versions
-from streams import faust_consumer
-from streams.lag import monitored_groups, run_in_thread as run_lag_monitor
-from streams.semantics import ReportingPolicy
+from streams.kafka import faust_consumer
+from streams.observability.lag import monitored_groups, run_in_thread as run_lag_monitor
+from streams.core.semantics import ReportingPolicy
 from streams.settings import Settings
-from streams.state_store import ChangeloggedStore
+from streams.state.store import ChangeloggedStore
 
 log = logging.getLogger(__name__)
 RAW = {"key_serializer": "raw", "value_serializer": "raw"}
@@ -111,7 +111,7 @@ def build_topology(settings: Settings) -> Topology:
     # -- state stores --------------------------------------------------------------------
     rule_versions = app.Table("rule_versions", partitions=s.partitions, key_type=bytes, value_type=bytes)
     # customers, partition clocks and the hold index, under prefixed keys (agents/customers.py),
-    # in a store written and restored in batches (streams/state_store.py)
+    # in a store written and restored in batches (streams/state/store.py)
     reporting_state = ChangeloggedStore(
         str(Path(s.data_dir) / REPORTING_STATE), f"{s.app_id}-{REPORTING_STATE}-changelog",
         s.bootstrap_servers, producer=None)         # the agent's, created on the worker's loop

@@ -36,7 +36,7 @@ from typing import Optional
 import orjson
 from aiohttp import web
 
-from streams.marketing_api import MAX_ACTIONS, MAX_BODY_BYTES, RETRYABLE_CODES
+from streams.sinks.marketing_api import MAX_ACTIONS, MAX_BODY_BYTES, RETRYABLE_CODES
 
 TIMESTAMP_SKEW_S = 300
 PERMANENT_USER_ERROR = 31001

@@ -61,7 +61,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams.observe import total
+from streams.observability.observe import total
 from streams.settings import Settings
 from tests import kafka_io
 from tests.chaos.poison import Poison, poison_records

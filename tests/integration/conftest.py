@@ -15,8 +15,8 @@ from typing import Optional
 
 import pytest
 
-from streams.kafka_admin import ensure_topics
-from streams.observe import scrape, total
+from streams.kafka.admin import ensure_topics
+from streams.observability.observe import scrape, total
 from streams.settings import Settings
 from tests import kafka_io
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import orjson
 
 from tests import kafka_io
-from streams.observe import total
+from streams.observability.observe import total
 from tests.integration.conftest import Pipeline
 from tests.logs import generate_log, kafka_partition
 from tests.reference_model import reference_reports

@@ -4,7 +4,7 @@ other customers' tags keep coming, are applied in the order they were written.
 Issue 16 measured reports lost when a worker at the head of its topics applied a tag before
 the contact event written just before it: the merge trusted the high-water mark of an
 earlier fetch. The merge now waits for an end offset learned after the tag arrived
-(streams/merge.py), and these scenarios check it on the real broker at bursts of 0, 5 and
+(streams/core/merge.py), and these scenarios check it on the real broker at bursts of 0, 5 and
 20 other customers' tags after each pair: with the default group commit, with a commit per
 event, and with the worker's own writes throttled by a broker quota (there, a first version
 of the fix forced heads out of order: `merge_wait` ran from a head's arrival instead of
@@ -26,7 +26,7 @@ import time
 import orjson
 import pytest
 
-from streams.observe import total
+from streams.observability.observe import total
 from agents.customers import PRODUCER_CLIENT_ID as WORKER_PRODUCER
 from tests import kafka_io
 from tests.integration.conftest import Pipeline

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.observe import scrape, total
+from streams.observability.observe import scrape, total
 from tests import kafka_io
 from tests.integration.conftest import KAFKA_SH, REPO, Pipeline, SinkProcess, exported_lag, free_port, wait_until
 from tests.logs import generate_log, kafka_partition

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from bench.replay_vs_live import canonical, run, tagstream
-from streams.observe import scrape, total
+from streams.observability.observe import scrape, total
 from tests.integration.conftest import REPO, SinkProcess, exported_lag, wait_until
 from tests.marketing_api_server import MarketingApiServer, ServerThread
 

@@ -47,9 +47,9 @@ def _distinct(reports: list[dict]) -> dict[str, dict]:
 
 # The kill used to lose records about one run in two: Faust drops records fetched while a
 # restarted worker restores its tables and, for a partition with no committed offset yet,
-# never fetches them again (streams/faust_consumer.py). Now the worker applies a 2,000-event
+# never fetches them again (streams/kafka/faust_consumer.py). Now the worker applies a 2,000-event
 # log faster than a test can look at it, so the kill comes from inside: a failpoint
-# (streams/failpoints.py) SIGKILLs the worker at the n-th pass through one step of its commit
+# (streams/state/failpoints.py) SIGKILLs the worker at the n-th pass through one step of its commit
 # path (batch_max=25: within the first n x 25 events), each chosen to leave a different mess:
 # reports out but no state; state sent but not acknowledged; changelog ahead of local state;
 # state durable but offsets not committed.

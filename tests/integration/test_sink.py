@@ -15,11 +15,11 @@ import time
 import orjson
 import pytest
 
-from streams.observe import scrape
+from streams.observability.observe import scrape
 from tests import kafka_io
 from tests.integration.conftest import Pipeline, SinkProcess, wait_until
 from tests.report_samples import sample_reports
-from streams.marketing_api import RETRYABLE_CODES
+from streams.sinks.marketing_api import RETRYABLE_CODES
 from tests.marketing_api_server import Faults, MarketingApiServer, ServerThread
 
 REPORTS = 20_000

@@ -1,4 +1,4 @@
-"""The worker's changelogged store (streams/state_store.py) on the real broker: commits
+"""The worker's changelogged store (streams/state/store.py) on the real broker: commits
 survive into a fresh store, a kept store reads only what came after its offset, and a
 commit cut short in the changelog is completed by the next restore."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.state_store import JOURNAL_KEY, ChangeloggedStore, commit_records
+from streams.state.store import JOURNAL_KEY, ChangeloggedStore, commit_records
 from tests.kafka_io import BOOTSTRAP
 
 PARTITIONS = 4
@@ -100,7 +100,7 @@ def test_a_commit_cut_short_in_the_changelog_is_completed_by_the_next_restore(ka
 _COMMIT_THEN_DIE = """
 import asyncio, os, signal, sys
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from streams.state_store import ChangeloggedStore
+from streams.state.store import ChangeloggedStore
 
 async def main(path, topic, bootstrap):
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)

@@ -1,10 +1,10 @@
-"""Topic creation on the real broker (streams.kafka_admin.ensure_topics)."""
+"""Topic creation on the real broker (streams.kafka.admin.ensure_topics)."""
 import asyncio
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.kafka_admin import CHANGELOG_TABLES, TOPIC_SETTINGS, ensure_topics
+from streams.kafka.admin import CHANGELOG_TABLES, TOPIC_SETTINGS, ensure_topics
 from streams.settings import ConfigError
 from tests import kafka_io
 from tests.integration.conftest import Pipeline

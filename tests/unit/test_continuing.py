@@ -10,7 +10,7 @@ from collections import namedtuple
 
 from hypothesis import given, settings, strategies as st
 
-from streams.faust_consumer import continuing
+from streams.kafka.faust_consumer import continuing
 
 Record = namedtuple("Record", "offset")
 TP = ("tag-events", 0)

@@ -1,4 +1,4 @@
-"""The property at the heart of tagstream: the pure core (streams.semantics) gives exactly
+"""The property at the heart of tagstream: the pure core (streams.core.semantics) gives exactly
 the reports of the independent reference model (tests/reference_model.py) on any event log.
 
 Logs come from hypothesis (tests/strategies.py): interleaved customers, rule versions,
@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 
 from schemas.records import DEFAULT_ACTION_TYPES
 from schemas.validation import RuleTombstone, decode_contact_event, decode_reporting_rule, decode_tag_event
-from streams.rulebook import RuleBook
-from streams.semantics import MemoryStore, ReportingEngine, ReportingPolicy, run_log
+from streams.core.rulebook import RuleBook
+from streams.core.semantics import MemoryStore, ReportingEngine, ReportingPolicy, run_log
 from tests.logs import generate_log, kafka_partition
 from tests.reference_model import reference_reports
 from tests.strategies import crc_partition, event_logs

@@ -1,18 +1,18 @@
 """What a crash can leave behind, and how the worker repairs it, without a broker.
 
 - A commit's changelog records can be cut anywhere: restoring them and committing the
-  journal again completes the commit (streams/state_store.py).
+  journal again completes the commit (streams/state/store.py).
 - Local Faust state is trusted only after a clean shutdown; tagstream's own store, written
-  only after its changelog, is always kept (streams/local_state.py).
+  only after its changelog, is always kept (streams/state/local.py).
 """
 import pytest
 from hypothesis import given, strategies as st
 
-from streams import faust_consumer
-from streams.local_state import MARKER, mark_clean, open_local_state
-from streams.semantics import CustomerState, PartitionClock
+from streams.kafka import faust_consumer
+from streams.state.local import MARKER, mark_clean, open_local_state
+from streams.core.semantics import CustomerState, PartitionClock
 from streams.settings import Settings
-from streams.state_store import (
+from streams.state.store import (
     JOURNAL_KEY, apply_records, commit_records, journal_writes)
 from streams.topology import build_topology
 
@@ -97,7 +97,7 @@ def test_the_worker_uses_the_rewinding_batching_consumer(tmp_path):
 
 
 def test_a_failpoint_spec_is_checked_with_a_one_line_fix():
-    from streams.failpoints import _parse
+    from streams.state.failpoints import _parse
     assert _parse(None) is None and _parse("changelog-sent:3") == ("changelog-sent", 3)
     for wrong in ("changelog-sent", "nowhere:2", "state-durable:0"):
         with pytest.raises(SystemExit, match="use NAME:N with NAME one of"):

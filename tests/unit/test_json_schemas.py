@@ -4,7 +4,7 @@
 - for inputs, `schemas.validation` accepts a record iff its schema does (property test over
   near-valid records; the key always matches and records stay under 64 KiB, since the key
   check and the size limit are not the schema's business);
-- reports built by `streams.semantics` (run_log) and dead letters built by `Rejection.dead_letter`
+- reports built by `streams.core.semantics` (run_log) and dead letters built by `Rejection.dead_letter`
   validate against theirs.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from schemas.records import (
 from schemas.validation import (
     CONTACT_EVENT_FIELDS, REPORTING_RULE_FIELDS, TAG_EVENT_FIELDS, Rejection,
     decode_contact_event, decode_reporting_rule, decode_tag_event)
-from streams.semantics import ReportingPolicy, run_log
+from streams.core.semantics import ReportingPolicy, run_log
 
 VALIDATORS = {name: Draft202012Validator(load_schema(name)) for name in SCHEMA_NAMES}
 

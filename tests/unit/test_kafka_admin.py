@@ -1,5 +1,5 @@
-"""Reading a DescribeTopics answer (streams.kafka_admin.partition_counts)."""
-from streams.kafka_admin import partition_counts
+"""Reading a DescribeTopics answer (streams.kafka.admin.partition_counts)."""
+from streams.kafka.admin import partition_counts
 
 
 def _topic(name: str, partitions: int, error_code: int = 0) -> dict:

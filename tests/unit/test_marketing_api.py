@@ -2,7 +2,7 @@
 import orjson
 import pytest
 
-from streams.marketing_api import MAX_BODY_BYTES, Outcome, TokenSource, action_of, classify, pack
+from streams.sinks.marketing_api import MAX_BODY_BYTES, Outcome, TokenSource, action_of, classify, pack
 
 
 def _report(i: int, account: int = 1, action_set: int = 10, padding: int = 0) -> dict:

@@ -1,9 +1,9 @@
-"""The event-time merge of the two co-partitioned event topics (streams.merge).
+"""The event-time merge of the two co-partitioned event topics (streams.core.merge).
 
 `caught_up(source, since)` stands for what the agent knows about the other topic's
 partition: True (received everything that was in it at `since`), False (records known to
 be waiting) or None (not known as of `since`)."""
-from streams.merge import CoPartitionMerge
+from streams.core.merge import CoPartitionMerge
 
 CONTACTS, TAGS = "contacts", "tags"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from streams import metrics
+from streams.observability import metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -40,7 +40,7 @@ def _promtool() -> str:
 
 
 def _metric_objects() -> list:
-    """Every metric defined in streams/metrics.py (the one place metrics are defined)."""
+    """Every metric defined in streams/observability/metrics.py (the one place metrics are defined)."""
     return [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
 
 
@@ -136,7 +136,7 @@ def test_gc_pauses_are_timed_per_generation_once():
 
     from prometheus_client import REGISTRY
 
-    from streams import metrics
+    from streams.observability import metrics
 
     def full_collections() -> float:
         return REGISTRY.get_sample_value("tagstream_gc_pause_seconds_count", {"generation": "2"}) or 0.0

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from schemas.records import DEFAULT_ACTION_TYPES
-from streams.replay import (
-    CONTACT, TAG, InputRecord, Output, Progress, Replay, ReplaySummary, archive_line, compare, parse_time,
-    read_archives)
-from streams.semantics import ReportingPolicy
+from streams.cli.progress import Progress
+from streams.replay.archive import archive_line, read_archives
+from streams.replay.engine import CONTACT, TAG, InputRecord, Output, Replay, ReplaySummary
+from streams.replay.run import compare, parse_time
+from streams.core.semantics import ReportingPolicy
 from streams.settings import ConfigError
 from tests.logs import generate_log, kafka_partition
 from tests.reference_model import reference_reports
@@ -192,12 +193,12 @@ def test_comparison_with_what_was_delivered():
     assert changes[0]["outer_action_id"] == "b" and changes[0]["fields"] == ["account_id"]
 
 
-def test_progress_reports_rate_and_eta_without_a_terminal():
+def test_progress_without_a_terminal_writes_whole_lines_with_rate_and_eta():
     out = io.StringIO()
     progress = Progress(1000, "replay", out)
-    progress.shown = -1e9
-    progress.advance(250)
+    progress.advance(250)              # within LOG_INTERVAL_S of the start: no line of its own
     progress.finish()
+    assert "\r" not in out.getvalue()
     first, last = out.getvalue().splitlines()
-    assert "25.0% 250/1,000 events" in first and "ev/s ETA" in first
-    assert "100.0%" not in last and "250/1,000" in last
+    assert "0.0% 0/1,000 events" in first
+    assert "25.0% 250/1,000 events" in last and "ev/s ETA" in last and "100.0%" not in last

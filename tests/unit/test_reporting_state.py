@@ -7,8 +7,8 @@ from __future__ import annotations
 from faust.types import TP
 
 from agents.customers import ReportingState
-from streams.semantics import ReportingEngine, run_log
-from streams.state_store import ChangeloggedStore
+from streams.core.semantics import ReportingEngine, run_log
+from streams.state.store import ChangeloggedStore
 from tests.logs import generate_log, kafka_partition
 from tests.unit.test_core_equals_model import POLICY, canonical, decoded
 

@@ -1,6 +1,6 @@
 """Versioned reporting rules looked up as of event time (SPEC §3.3)."""
 from schemas.records import ReportingRule
-from streams.rulebook import RuleBook, decode_history, encode_history, with_rule
+from streams.core.rulebook import RuleBook, decode_history, encode_history, with_rule
 
 
 def rule(standard_type, effective_from, version, tag_id="t1"):

@@ -1,12 +1,12 @@
 """SPEC §4 as scenarios on the pure core: given these events, expect these reports.
 
-No Faust, no Kafka: `streams.semantics.ReportingEngine` over an in-memory store.
+No Faust, no Kafka: `streams.core.semantics.ReportingEngine` over an in-memory store.
 """
 import hashlib
 
 from schemas.records import DEFAULT_ACTION_TYPES, ContactEvent, ReportingRule, TagEvent
-from streams.rulebook import RuleBook
-from streams.semantics import CustomerState, MemoryStore, ReportingEngine, ReportingPolicy
+from streams.core.rulebook import RuleBook
+from streams.core.semantics import CustomerState, MemoryStore, ReportingEngine, ReportingPolicy
 
 T0 = 1_763_884_800_000
 SEC, MIN, HOUR, DAY = 1000, 60_000, 3_600_000, 86_400_000

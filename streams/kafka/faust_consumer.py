@@ -25,7 +25,7 @@ from typing import Optional
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from streams import metrics
+from streams.observability import metrics
 
 
 class RewindingConsumer(faust_aiokafka.Consumer):

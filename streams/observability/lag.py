@@ -28,7 +28,7 @@ from typing import Optional
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams import metrics
+from streams.observability import metrics
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """`tagstream run`: the whole pipeline on the local broker, with a generated load.
 
 Starts a worker and a file sink as child processes, loads the sample reporting rules,
-feeds a realistic generated stream (`streams.loadgen`) and prints progress every two
+feeds a realistic generated stream (`streams.sources.loadgen`) and prints progress every two
 seconds: events/s, reports by type, lag. Ends after `--events` are processed (printing a
 summary with the end-to-end throughput) or on Ctrl-C, stopping the children cleanly.
 """
@@ -20,11 +20,11 @@ from typing import Optional
 from aiokafka.errors import KafkaError
 
 from schemas.records import STANDARD_TYPES
-from streams.kafka_admin import ensure_topics
-from streams.lag import LagMonitor, monitored_groups
-from streams.loadgen import TagTraffic
-from streams.observe import by_label, scrape_async, total
-from streams.producer import input_producer, produce
+from streams.kafka.admin import ensure_topics
+from streams.observability.lag import LagMonitor, monitored_groups
+from streams.sources.loadgen import TagTraffic
+from streams.observability.observe import by_label, scrape_async, total
+from streams.kafka.producer import input_producer, produce
 from streams.settings import Settings
 
 PROGRESS_EVERY_S = 2.0

@@ -7,7 +7,7 @@ from typing import Iterable
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from streams.loadgen import GeneratedRecord
+from streams.sources.loadgen import GeneratedRecord
 from streams.settings import Settings
 
 

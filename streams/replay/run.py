@@ -1,64 +1,38 @@
-"""Replaying historic tag events (SPEC §6): `tagstream replay` and `tagstream archive`.
+"""`tagstream replay` and `tagstream archive` (SPEC §6): reading the input topics' time
+range or archives, feeding the replay (`streams.replay.engine`), and writing the results.
 
-A replay folds historic input through the same pure engine as the live worker
-(`streams.semantics`), in the same order, with the same rules, so it produces the reports a
-live run would have produced for those events:
-
-- **Order.** Per partition, the two event topics are merged by `ts` with the live worker's
-  own merge (`streams.merge`, contacts first on ties, each topic's offset order kept). A
-  topic partition counts as caught up once it is read to the end of the range, exactly as a
-  live worker catching up on a backlog sees it.
 - **Rules as of event time.** The rule book is the live worker's: the `rule_versions`
   changelog (every version ever folded) plus every record still on the rules topic, or the
   rule records of an archive.
-- **Time.** Holds are released on stream time. At the end of the input every open hold is
-  resolved in deadline order (`ReportingEngine.flush`). Wall-clock time only stamps
-  `emitted_at`.
-- **Isolation.** State lives in memory (`MemoryStore`), never in the worker's tables; topics
-  are read with no consumer group, so the live group's offsets never move. Reports go to the
-  outbound topic, where the sink's delivered-id record stops anything already delivered;
-  or, with `--dry-run`, to a file, with a comparison against what was delivered.
-
-Sources: a time range of the input topics (`--from/--to`, offsets found with
-`offsets_for_times`), or NDJSON archives, plain or gzip, as `tagstream archive` writes them:
-
-    {"kind": "tag"|"contact"|"rule", "key": "corp:user", "value": {...}, "partition": 0,
-     "offset": 17, "timestamp": 1763800000000}
-
-`partition`, `offset` and `timestamp` are optional (the partition is then the one Kafka's
-default partitioner picks for the key); `value_b64` replaces `value` for bytes that are not
-JSON. Lines that fail validation go to the dead-letter file with their reason and are
-counted; they never stop the run.
+- **Isolation.** Topics are read with no consumer group (`offsets_for_times` finds the
+  range), so the live group's offsets never move. Reports go to the outbound topic, where
+  the sink's delivered-id record stops anything already delivered; or, with `--dry-run`, to
+  a file, with a comparison against what was delivered.
+- Records and archive lines that fail validation go to the dead-letter file with their
+  reason and are counted; they never stop the run.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
-import gzip
 import os
 import sys
-import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import IO, Iterable, Optional
+from typing import IO, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import murmur2
 
-from schemas.validation import (
-    Rejection, RuleTombstone, decode_contact_event, decode_reporting_rule, decode_tag_event)
-from streams.merge import CoPartitionMerge
-from streams.rulebook import RuleBook
-from streams.semantics import MemoryStore, ReportingEngine, ReportingPolicy, StepResult
+from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
+from streams.cli.progress import Progress
+from streams.core.rulebook import RuleBook
+from streams.core.semantics import ReportingPolicy
+from streams.replay.archive import archive_line, open_archive, read_archives
+from streams.replay.engine import (
+    RULE, SOURCES, TOPIC_SETTING, InputRecord, Output, Replay, ReplaySummary)
 from streams.settings import ConfigError, Settings
-
-CONTACT, TAG, RULE = "contact", "tag", "rule"
-SOURCES = (CONTACT, TAG)                  # merge order: contacts first on equal ts
-DECODERS = {TAG: decode_tag_event, CONTACT: decode_contact_event}
-TOPIC_SETTING = {TAG: "tag_events_topic", CONTACT: "contact_events_topic", RULE: "tag_mappings_topic"}
-
 
 def parse_time(flag: str, text: str) -> int:
     """An ISO-8601 time (naive means UTC) as epoch milliseconds."""
@@ -75,269 +49,6 @@ def parse_time(flag: str, text: str) -> int:
 def format_time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
-
-@dataclass
-class InputRecord:
-    source: str                 # TAG or CONTACT
-    partition: int
-    offset: int
-    key: Optional[bytes]
-    value: Optional[bytes]
-    origin: str                 # where it came from, for dead letters: "topic/p@offset" or "file:line"
-
-
-# -- progress -------------------------------------------------------------------------------
-
-class Progress:
-    """A progress bar on stderr: done/total, events/s and ETA. Redrawn in place on a
-    terminal; one line every 5 s otherwise (logs, CI)."""
-
-    def __init__(self, total: int, label: str, out: IO[str] = sys.stderr):
-        self.total = max(total, 1)
-        self.label = label
-        self.out = out
-        self.done = 0
-        self.started = time.monotonic()
-        self.shown = 0.0
-        self.tty = out.isatty()
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.shown >= (0.25 if self.tty else 5.0):
-            self.shown = now
-            self._draw(now)
-
-    def _draw(self, now: float, final: bool = False) -> None:
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
-        share = min(self.done / self.total, 1.0)
-        eta = (self.total - self.done) / rate if rate > 0 and not final else 0.0
-        bar = "#" * int(share * 30) + "." * (30 - int(share * 30))
-        line = (f"{self.label} [{bar}] {share:6.1%} {self.done:,}/{self.total:,} events "
-                f"{rate:,.0f} ev/s ETA {eta:,.0f}s")
-        self.out.write(("\r" + line) if self.tty else line + "\n")
-        if final and self.tty:
-            self.out.write("\n")
-        self.out.flush()
-
-    def finish(self) -> float:
-        """Draw the final line; returns the elapsed seconds."""
-        now = time.monotonic()
-        self._draw(now, final=True)
-        return now - self.started
-
-
-# -- the replay core (no Kafka) ---------------------------------------------------------------
-
-@dataclass
-class ReplaySummary:
-    events: int = 0
-    outcomes: Counter = field(default_factory=Counter)
-    reports: Counter = field(default_factory=Counter)          # "TYPE mode" -> count
-    unreportable: Counter = field(default_factory=Counter)
-    dead_letters: Counter = field(default_factory=Counter)     # error code -> count
-    seconds: float = 0.0
-    comparison: Counter = field(default_factory=Counter)       # new / already_delivered / ...
-
-    def as_dict(self) -> dict:
-        return {"events": self.events, "seconds": round(self.seconds, 3),
-                "events_per_second": round(self.events / self.seconds) if self.seconds else None,
-                "outcomes": dict(self.outcomes), "reports": dict(self.reports),
-                "unreportable": dict(self.unreportable), "dead_letters": dict(self.dead_letters),
-                "comparison": dict(self.comparison)}
-
-    def render(self) -> str:
-        lines = [f"replayed {self.events:,} events in {self.seconds:.1f}s "
-                 f"({self.events / max(self.seconds, 1e-9):,.0f} events/s)"]
-        lines.append("  reports      " + (", ".join(f"{k} {v:,}" for k, v in sorted(self.reports.items())) or "none"))
-        lines.append("  unreportable " + (", ".join(f"{k} {v:,}" for k, v in sorted(self.unreportable.items())) or "none"))
-        lines.append("  outcomes     " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.outcomes.items())))
-        lines.append("  dead letters " + (", ".join(f"{k} {v:,}" for k, v in sorted(self.dead_letters.items())) or "none"))
-        if self.comparison:
-            lines.append("  against what was delivered: "
-                         + ", ".join(f"{k} {v:,}" for k, v in sorted(self.comparison.items())))
-        return "\n".join(lines)
-
-
-class Output:
-    """Where a replay's results go (a topic, or files for --dry-run)."""
-    def report(self, wire: dict) -> None: ...
-    def unreportable(self, wire: dict) -> None: ...
-    def dead_letter(self, record: InputRecord, rejection: Rejection) -> None: ...
-
-
-class Replay:
-    """Input records in, results out, exactly as the live agent applies them."""
-
-    def __init__(self, book: RuleBook, policy: ReportingPolicy, output: Output, summary: ReplaySummary,
-                 progress: Optional[Progress] = None):
-        self.engine = ReportingEngine(MemoryStore(), book.rule_as_of, policy)
-        self.merge: CoPartitionMerge = CoPartitionMerge(SOURCES, max_wait_ms=0, max_buffered=sys.maxsize)
-        self.done: set[tuple[str, int]] = set()
-        self.partitions: set[int] = set()
-        self.output = output
-        self.summary = summary
-        self.progress = progress
-
-    def offer(self, record: InputRecord) -> None:
-        self.partitions.add(record.partition)
-        decoded = DECODERS[record.source](record.key, record.value)
-        if isinstance(decoded, Rejection):
-            self.summary.dead_letters[decoded.error] += 1
-            self.summary.outcomes["dead_lettered"] += 1
-            self.output.dead_letter(record, decoded)
-            self._advance()
-            return
-        self.merge.offer(record.partition, record.source, decoded.ts, decoded, 0)
-
-    def source_done(self, source: str, partition: int) -> None:
-        self.done.add((source, partition))
-        self.partitions.add(partition)
-
-    def release(self, partition: int) -> None:
-        # a replay reads finished logs: a source is caught up once read to its end, and until
-        # then records are known to be waiting (never "unknown")
-        caught_up = lambda source, since: (source, partition) in self.done   # noqa: E731
-        for event in self.merge.release(partition, caught_up, lambda: 0):
-            result = self.engine.on_event(partition, event, _now_ms())
-            self.summary.outcomes[result.outcome] += 1
-            self._emit(result)
-            self._advance()
-
-    def finish(self) -> ReplaySummary:
-        """End of input: every source is done; apply what is buffered, then resolve every
-        open hold in deadline order."""
-        for partition in sorted(self.partitions):
-            for source in SOURCES:
-                self.done.add((source, partition))
-            self.release(partition)
-        for partition in sorted(self.partitions):
-            self._emit(self.engine.flush(partition, _now_ms()))
-        return self.summary
-
-    def _emit(self, result: StepResult) -> None:
-        for report in result.reports:
-            self.summary.reports[f"{report.standard_type} {report.mode}"] += 1
-            self.output.report(report.as_wire())
-        for report in result.unreportable:
-            self.summary.unreportable[f"{report.standard_type} {report.reason}"] += 1
-            self.output.unreportable(report.as_wire())
-
-    def _advance(self) -> None:
-        self.summary.events += 1
-        if self.progress:
-            self.progress.advance()
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# -- archives (NDJSON files) -------------------------------------------------------------------
-
-def open_archive(path: str, mode: str = "rb") -> IO[bytes]:
-    try:
-        if path.endswith(".gz"):
-            handle = gzip.open(path, mode)
-            if "r" in mode:
-                handle.peek(1)          # fail now, with a clear message, if it is not gzip
-            return handle
-        return open(path, mode)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, EOFError) as exc:
-        raise ConfigError(f"{path}: cannot read it as {'gzip' if path.endswith('.gz') else 'NDJSON'} ({exc})") from None
-
-
-def archive_line(kind: str, key: Optional[bytes], value: Optional[bytes], partition: int, offset: int,
-                 timestamp: int) -> bytes:
-    line = {"kind": kind, "key": None if key is None else key.decode("utf-8", "replace"),
-            "partition": partition, "offset": offset, "timestamp": timestamp}
-    try:
-        line["value"] = None if value is None else orjson.loads(value)
-    except orjson.JSONDecodeError:
-        line["value_b64"] = base64.b64encode(value).decode()
-    return orjson.dumps(line) + b"\n"
-
-
-@dataclass
-class ArchiveContents:
-    book: RuleBook
-    rules: int
-    records: dict                    # (source, partition) -> [InputRecord] in offset order
-    bad_lines: list                  # (origin, reason, raw line)
-
-
-def read_archives(paths: Iterable[str], partitions: int, from_ms: Optional[int], to_ms: Optional[int]) -> ArchiveContents:
-    """Every valid line of the archives; bad lines are returned, not raised."""
-    book, rules = RuleBook(), 0
-    records: dict[tuple[str, int], list] = {}
-    bad: list = []
-    sequence = 0
-    for path in paths:
-        with open_archive(path) as handle:
-            for number, raw in enumerate(handle, 1):
-                origin = f"{os.path.basename(path)}:{number}"
-                if not raw.strip():
-                    continue
-                try:
-                    line = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    bad.append((origin, f"not JSON: {exc}", raw))
-                    continue
-                problem = _line_problem(line)
-                if problem:
-                    bad.append((origin, problem, raw))
-                    continue
-                key = None if line.get("key") is None else line["key"].encode()
-                value = (base64.b64decode(line["value_b64"]) if "value_b64" in line
-                         else None if line.get("value") is None else orjson.dumps(line["value"]))
-                if line["kind"] == RULE:
-                    rule = decode_reporting_rule(key, value)
-                    if isinstance(rule, Rejection):
-                        bad.append((origin, f"{rule.error}: {rule.detail}", raw))
-                    elif isinstance(rule, RuleTombstone):
-                        book.delete(rule.corp_id, rule.tag_id)
-                    else:
-                        book.add(rule)
-                        rules += 1
-                    continue
-                timestamp = line.get("timestamp")
-                if timestamp is not None and ((from_ms is not None and timestamp < from_ms)
-                                              or (to_ms is not None and timestamp >= to_ms)):
-                    continue
-                partition = line.get("partition")
-                if partition is None:
-                    partition = (murmur2(key) & 0x7FFFFFFF) % partitions if key else 0
-                sequence += 1
-                offset = line.get("offset", sequence)
-                records.setdefault((line["kind"], partition), []).append(
-                    InputRecord(line["kind"], partition, offset, key, value, origin))
-    for batch in records.values():
-        batch.sort(key=lambda r: r.offset)
-    return ArchiveContents(book, rules, records, bad)
-
-
-def _line_problem(line) -> Optional[str]:
-    if not isinstance(line, dict):
-        return "not a JSON object"
-    if line.get("kind") not in (TAG, CONTACT, RULE):
-        return f"kind: expected tag, contact or rule, got {line.get('kind')!r}"
-    if line.get("key") is not None and not isinstance(line["key"], str):
-        return "key: expected a string"
-    for name in ("partition", "offset", "timestamp"):
-        if line.get(name) is not None and (not isinstance(line[name], int) or isinstance(line[name], bool)
-                                           or line[name] < 0):
-            return f"{name}: expected a non-negative integer"
-    if "value_b64" in line:
-        try:
-            base64.b64decode(line["value_b64"], validate=True)
-        except (ValueError, TypeError):
-            return "value_b64: not base64"
-    elif "value" not in line:
-        return "value: missing (use null for a tombstone)"
-    return None
 
 
 # -- Kafka: rules, ranges, delivered record ------------------------------------------------------

@@ -159,9 +159,9 @@ def cmd_worker(args, settings: Settings) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
         pass
-    from streams import metrics
-    from streams.kafka_admin import ensure_topics
-    from streams.local_state import mark_clean, open_local_state
+    from streams.observability import metrics
+    from streams.kafka.admin import ensure_topics
+    from streams.state.local import mark_clean, open_local_state
     from streams.topology import DrainingWorker, build_topology
 
     asyncio.run(ensure_topics(settings))
@@ -181,8 +181,8 @@ def cmd_worker(args, settings: Settings) -> int:
 
 
 def cmd_sink(args, settings: Settings) -> int:
-    from streams.sink import open_target, run_api_sink, run_file_sink
-    from streams.kafka_admin import ensure_topics
+    from streams.sinks.reporting import open_target, run_api_sink, run_file_sink
+    from streams.kafka.admin import ensure_topics
     if args.target != "api":
         open_target(args.target).close() if args.target != "stdout" else None  # bad target: fail now
     _logging(settings)
@@ -194,8 +194,8 @@ def cmd_sink(args, settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         if args.target != "api":
             return await run_file_sink(settings, args.target, stop)
-        from streams import metrics
-        from streams.lag import LagMonitor, monitored_groups
+        from streams.observability import metrics
+        from streams.observability.lag import LagMonitor, monitored_groups
         await ensure_topics(settings)
         metrics.serve(settings.sink_metrics_port)
         lag = asyncio.create_task(LagMonitor(settings.bootstrap_servers, monitored_groups(settings))
@@ -216,9 +216,9 @@ def cmd_sink(args, settings: Settings) -> int:
 
 def cmd_load(args, settings: Settings) -> int:
     import itertools
-    from streams.kafka_admin import ensure_topics
-    from streams.loadgen import TagTraffic
-    from streams.producer import input_producer, produce
+    from streams.kafka.admin import ensure_topics
+    from streams.sources.loadgen import TagTraffic
+    from streams.kafka.producer import input_producer, produce
 
     async def run() -> None:
         await ensure_topics(settings)
@@ -242,7 +242,7 @@ def cmd_load(args, settings: Settings) -> int:
 
 
 def _time_range(args, required: bool) -> tuple[Optional[int], Optional[int]]:
-    from streams.replay import parse_time
+    from streams.replay.run import parse_time
     if required and not (args.from_time and args.to_time):
         raise ConfigError("give the range to replay: --from TIME --to TIME (ISO-8601, e.g. "
                           "--from 2026-11-01T00:00:00Z --to 2026-11-02T00:00:00Z), or --files ARCHIVE...")
@@ -254,7 +254,7 @@ def _time_range(args, required: bool) -> tuple[Optional[int], Optional[int]]:
 
 
 def cmd_replay(args, settings: Settings) -> int:
-    from streams.replay import ReplayOptions, run_replay
+    from streams.replay.run import ReplayOptions, run_replay
     from_ms, to_ms = _time_range(args, required=not args.files)
     options = ReplayOptions(from_ms, to_ms, args.files, args.dry_run, args.out, args.dead_letters, args.summary_json)
     summary = asyncio.run(run_replay(settings, options))
@@ -267,7 +267,7 @@ def cmd_replay(args, settings: Settings) -> int:
 
 
 def cmd_archive(args, settings: Settings) -> int:
-    from streams.replay import run_archive
+    from streams.replay.run import run_archive
     from_ms, to_ms = _time_range(args, required=True)
     counts = asyncio.run(run_archive(settings, from_ms, to_ms, args.out))
     print(f"archived to {args.out}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
@@ -275,14 +275,14 @@ def cmd_archive(args, settings: Settings) -> int:
 
 
 def cmd_topics(args, settings: Settings) -> int:
-    from streams.kafka_admin import ensure_topics
+    from streams.kafka.admin import ensure_topics
     created = asyncio.run(ensure_topics(settings))
     print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
     return 0
 
 
 def cmd_lag(args, settings: Settings) -> int:
-    from streams.lag import LagMonitor, monitored_groups
+    from streams.observability.lag import LagMonitor, monitored_groups
     groups = monitored_groups(settings)
     if args.group:
         if args.group not in groups:
@@ -321,7 +321,7 @@ def cmd_settings(args, settings: Settings) -> int:
 
 
 def cmd_run(args, settings: Settings) -> int:
-    from streams.demo import run_demo
+    from streams.cli.demo import run_demo
     rate = args.rate if args.rate is not None else (0 if args.events else 1000)
     return run_demo(settings, events=args.events, rate=rate, seed=args.seed,
                     reports_file=args.reports_file)

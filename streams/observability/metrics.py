@@ -82,7 +82,7 @@ RECOVERING = Gauge(
     "tagstream_table_recovery_in_progress",
     "1 while this worker restores tables from their changelogs (processing is paused)")
 
-# -- consumer lag (streams/lag.py), exported by every tagstream process ---------------------
+# -- consumer lag (streams/observability/lag.py), exported by every tagstream process ---------------------
 CONSUMER_LAG = Gauge(
     "tagstream_consumer_group_lag",
     "Log-end offset minus committed offset, in messages (as kafka-consumer-groups shows it)",

@@ -41,8 +41,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from streams import metrics
-from streams.marketing_api import (
+from streams.observability import metrics
+from streams.sinks.marketing_api import (
     Batch, MarketingApiClient, Outcome, RateLimiter, classify, pack, token_from_settings)
 from streams.settings import ConfigError, Settings
 

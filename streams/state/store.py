@@ -53,7 +53,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
-from streams.failpoints import failpoint
+from streams.state.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 

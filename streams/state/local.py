@@ -9,7 +9,7 @@ tagstream does the same: a `CLEAN` marker is written when the worker exits clean
 removed when it starts. A start without the marker wipes the local tables, and Faust
 restores them from the changelog, the one source of truth.
 
-tagstream's own store (`streams/state_store.py`, directory `reporting_state`) is exempt: it
+tagstream's own store (`streams/state/store.py`, directory `reporting_state`) is exempt: it
 writes RocksDB only after the changelog acknowledged the same writes, with the changelog
 offset in the same atomic write, so whatever a crash leaves of it is a true prefix of the
 changelog, and a restart reads only what follows.
