@@ -4,6 +4,13 @@ Starts a worker and a file sink as child processes, loads the sample reporting r
 feeds a realistic generated stream (`streams.sources.loadgen`) and prints progress every two
 seconds: events/s, reports by type, lag. Ends after `--events` are processed (printing a
 summary with the end-to-end throughput) or on Ctrl-C, stopping the children cleanly.
+
+**Event time.** With `--events N` the stream is the last `HISTORY` (6 hours) of a busy
+day's traffic, ending now: a backlog of history, as when a worker starts behind. Delayed
+types are held for `delay_hold` (30 minutes) of *event* time, so over six hours of it the
+run shows them released, and, because staff now and then take back a LONG_TERM or INVALID
+tag within minutes, cancelled. Without `--events` the stream is live: event time is the
+wall clock, and the first delayed report comes after 30 real minutes.
 """
 from __future__ import annotations
 
@@ -22,12 +29,17 @@ from aiokafka.errors import KafkaError
 from schemas.records import STANDARD_TYPES
 from streams.kafka.admin import ensure_topics
 from streams.observability.lag import LagMonitor, monitored_groups
-from streams.sources.loadgen import TagTraffic
-from streams.observability.observe import by_label, scrape_async, total
+from streams.sources.loadgen import LoadShape, TagTraffic
+from streams.observability.observe import by_label, by_labels, scrape_async, total
 from streams.kafka.producer import input_producer, produce
 from streams.settings import Settings
 
 PROGRESS_EVERY_S = 2.0
+#: How much event time a `--events` run covers, ending now.
+HISTORY_MS = 6 * 3_600_000
+#: Of the delayed types' tag adds, how many staff take back within minutes (cancelled holds).
+UNDO_SHARE = 0.3
+DELAYED_TYPES = ("LONG_TERM", "INVALID")
 
 
 class Child:
@@ -76,6 +88,7 @@ class _Demo:
     async def run(self) -> int:
         s = self.settings
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        Path(self.reports_file).write_bytes(b"")      # this run's reports only (the sink appends)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
@@ -88,8 +101,7 @@ class _Demo:
         producer = input_producer(s)
         await producer.start()
         try:
-            traffic = TagTraffic(self.seed, start_ms=int(time.time() * 1000),
-                                 clock=lambda: int(time.time() * 1000), run_tag=f"{self.seed:x}x")
+            traffic = self._traffic()
             rules = traffic.rules()
             await produce(producer, s, rules)
             print(f"loaded {len(rules)} reporting-rule versions for {len(traffic.corps)} corps; "
@@ -105,6 +117,16 @@ class _Demo:
             worker.stop()
             sink.stop()
         return 0 if finished else 1
+
+    def _traffic(self) -> TagTraffic:
+        now = int(time.time() * 1000)
+        if not self.events:                 # live: event time is the wall clock
+            return TagTraffic(self.seed, start_ms=now, clock=lambda: int(time.time() * 1000),
+                              run_tag=f"{self.seed:x}x")
+        shape = LoadShape(mean_gap_ms=max(1, HISTORY_MS // self.events), undo_share=UNDO_SHARE)
+        print(f"event time: the last {HISTORY_MS / 3_600_000:g} hours of generated traffic, ending now "
+              f"(delayed reports wait {self.settings.delay_hold / 60_000:g} minutes of event time)")
+        return TagTraffic(self.seed, start_ms=now - HISTORY_MS, shape=shape, run_tag=f"{self.seed:x}x")
 
     async def _wait_for_rules(self, worker: Child, expected: int) -> bool:
         deadline = time.monotonic() + 120
@@ -180,13 +202,42 @@ class _Demo:
                 return True
 
     def _summary(self, samples: Optional[dict], processed: float, finished_at: float) -> None:
-        elapsed = finished_at - (self.first_produced_at or finished_at)
-        reports = by_label(samples, "tagstream_reports_total", "standard_type")
-        outcomes = by_label(samples, "tagstream_events_total", "outcome")
-        lines = sum(1 for _ in open(self.reports_file, "rb")) if os.path.exists(self.reports_file) else 0
-        print("\nsummary")
-        print(f"  events processed   {processed:,.0f} in {elapsed:.1f}s "
-              f"= {processed / max(elapsed, 1e-9):,.0f} events/s end to end (first produce -> last processed)")
-        print("  reports            " + ", ".join(f"{t} {reports.get(t, 0):,.0f}" for t in STANDARD_TYPES))
-        print("  event outcomes     " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(outcomes.items())))
-        print(f"  reports file       {self.reports_file} ({lines:,} lines; the sink appends across runs)")
+        print(render_summary(samples or {}, processed, finished_at - (self.first_produced_at or finished_at),
+                             self.settings, self.reports_file))
+
+
+def render_summary(samples: dict, processed: float, elapsed: float, settings: Settings, reports_file: str) -> str:
+    """What the run did, in the words of SPEC §4: real-time reports go out when their tag is
+    applied; delayed ones after `delay_hold` of event time, unless cancelled; what is still
+    held and why; what could not be reported."""
+    reports = by_labels(samples, "tagstream_reports_total", "standard_type", "mode")
+    outcomes = by_label(samples, "tagstream_events_total", "outcome")
+    unreportable = total(samples, "tagstream_unreportable_total")
+    held = total(samples, "tagstream_held_reports")
+    lines = sum(1 for _ in open(reports_file, "rb")) if os.path.exists(reports_file) else 0
+    hold = f"{settings.delay_hold / 60_000:g} min"
+
+    def by_type(types, mode):
+        return ", ".join(f"{t} {reports.get((t, mode), 0):,.0f}" for t in types)
+    realtime_types = [t for t in STANDARD_TYPES if t not in DELAYED_TYPES]
+    return "\n".join([
+        "",
+        "summary",
+        f"  events processed   {processed:,.0f} in {elapsed:.1f}s = {processed / max(elapsed, 1e-9):,.0f} events/s "
+        "end to end (first produce -> last processed)",
+        f"  real-time reports  {by_type(realtime_types, 'realtime')}",
+        "                     sent as soon as the tag was applied",
+        f"  delayed reports    {by_type(DELAYED_TYPES, 'delayed')}",
+        f"                     held {hold} of event time after the tag, then sent",
+        f"  cancelled holds    {outcomes.get('cancelled', 0):,.0f}",
+        f"                     staff removed the tag within {hold}: nothing is sent",
+        f"  still held         {held:,.0f}",
+        f"                     tagged less than {hold} before the last event; they go out once event time "
+        f"passes their deadline, or {settings.idle_grace / 60_000:g} min of wall-clock time after it "
+        "while the partition is idle",
+        f"  unreportable       {unreportable:,.0f}",
+        "                     no user identity (app id + unionid/openid, or click id): on "
+        f"{settings.topic('unreportable_topic')}, not sent",
+        "  event outcomes     " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(outcomes.items())),
+        f"  reports file       {reports_file} ({lines:,} reports of this run)",
+    ])

@@ -41,3 +41,12 @@ def by_label(samples: Optional[dict], name: str, label: str) -> dict[str, float]
     for labels, value in (samples or {}).get(name, {}).items():
         out[dict(labels).get(label, "")] += value
     return dict(out)
+
+
+def by_labels(samples: Optional[dict], name: str, *labels: str) -> dict[tuple, float]:
+    """A metric's samples summed by the values of several labels: {(v1, v2, ...): sum}."""
+    out: dict[tuple, float] = defaultdict(float)
+    for sample_labels, value in (samples or {}).get(name, {}).items():
+        as_dict = dict(sample_labels)
+        out[tuple(as_dict.get(label, "") for label in labels)] += value
+    return dict(out)

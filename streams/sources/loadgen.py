@@ -6,12 +6,18 @@ Shape of the traffic (what a real advertiser's customer service looks like):
 - every customer arrives with an `add_external_contact` carrying its ad identity (most
   with app id + unionid, some with only a click id, a few with nothing), before any tag;
 - staff then tag the customer over time: mostly unmapped tags and repeats, now and then a
-  mapped one, occasionally a remove; many customers are tagged at the same time.
+  mapped one, occasionally a remove; many customers are tagged at the same time;
+- until `active_customers` are being tagged at once, half of the events bring a new customer
+  and half tag the ones already there, so a small load has the full event mix too (with a
+  warm-up of contacts first, a 20,000-event load of a 20,000-customer shape had no tag at all);
+- with `undo_share`, staff sometimes take back a delayed type's tag (LONG_TERM, INVALID) a
+  few minutes after adding it, before its hold ends: the hold is cancelled (SPEC §4 rule 6).
 
 The generator is deterministic for a given seed and clock, so a run can be reproduced.
 """
 from __future__ import annotations
 
+import heapq
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -45,6 +51,8 @@ class LoadShape:
     no_identity_share: float = 0.05
     click_only_share: float = 0.15
     mean_gap_ms: int = 40          # simulated time between two events (all customers)
+    undo_share: float = 0.0        # share of delayed-type tag adds removed again within minutes
+    undo_after_ms: tuple = (60_000, 20 * 60_000)   # how long after the add the undo comes
 
 
 class TagTraffic:
@@ -60,10 +68,12 @@ class TagTraffic:
         self.run_tag = run_tag  # makes customer ids unique per demo run
         self.corps = [f"ww{seed % 1000:03d}{i:03d}" for i in range(self.shape.corps)]
         self.mapped: dict[str, dict[str, str]] = {}   # corp -> standard type -> tag id
+        self.delayed: dict[str, set[str]] = {}         # corp -> tag ids of LONG_TERM and INVALID
         self.unmapped: dict[str, list[str]] = {}
         self._customer_seq = 0
         self._event_seq = 0
         self._active: list[dict] = []
+        self._undos: list[tuple[int, int, dict, str]] = []   # heap: (due ms, seq, customer, tag id)
 
     # -- reporting rules -------------------------------------------------------------------
     def rules(self) -> list[GeneratedRecord]:
@@ -86,6 +96,7 @@ class TagTraffic:
                                  standard_type=self.rng.choice([None, "VALID"]))
                     rules.append(GeneratedRecord("tag_mappings", rule_key(corp, tag_id), later))
             self.unmapped[corp] = [f"eu{ci:03d}{i:02d}" for i in range(len(UNMAPPED_TAG_NAMES))]
+            self.delayed[corp] = {self.mapped[corp]["LONG_TERM"], self.mapped[corp]["INVALID"]}
         return rules
 
     # -- events ----------------------------------------------------------------------------
@@ -95,7 +106,14 @@ class TagTraffic:
         shape, rng = self.shape, self.rng
         while True:
             self._tick()
-            if len(self._active) < shape.active_customers or rng.random() < 1 / shape.events_per_customer:
+            if self._undos and self._undos[0][0] <= self.now:
+                _, _, customer, tag_id = heapq.heappop(self._undos)
+                if tag_id in customer["tags"]:
+                    customer["tags"].remove(tag_id)
+                    yield self._tag_record(customer, tag_id, "remove")
+                    continue
+            filling = len(self._active) < shape.active_customers
+            if not self._active or rng.random() < (0.5 if filling else 1 / shape.events_per_customer):
                 yield self._new_customer()
                 continue
             customer = self._active[rng.randrange(len(self._active))]
@@ -150,6 +168,14 @@ class TagTraffic:
             else:
                 tag_id = rng.choice(self.unmapped[corp])
             customer["tags"].append(tag_id)
+            if tag_id in self.delayed[corp] and rng.random() < shape.undo_share:
+                self._event_seq += 1
+                heapq.heappush(self._undos, (self.now + rng.randint(*shape.undo_after_ms), self._event_seq,
+                                             customer, tag_id))
+        return self._tag_record(customer, tag_id, op)
+
+    def _tag_record(self, customer: dict, tag_id: str, op: str) -> GeneratedRecord:
+        corp = customer["corp"]
         value = {"event_id": self._event_id("e"), "corp_id": corp, "external_userid": customer["ext"],
                  "userid": customer["staff"], "tag_id": tag_id, "op": op, "ts": self.now,
                  "source": "wecom_sidebar"}
