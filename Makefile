@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay chaos observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay chaos docs observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -73,6 +73,10 @@ bench-replay: setup
 ## SIGKILLs, a join/leave, a broker restart, API failure bursts and 5% poison (CI runs it small).
 chaos: setup
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
+## Regenerate docs/configuration.md from the settings (a unit test fails when it is stale).
+docs: setup
+	$(BIN)/tagstream settings --markdown > docs/configuration.md
 
 ## Regenerate the Grafana dashboard and the alert rules from deploy/observability.py.
 observability: setup

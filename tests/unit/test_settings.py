@@ -40,3 +40,13 @@ def test_bad_values_give_a_one_line_error_that_says_how_to_fix_it(variable, valu
 def test_settings_round_trip_through_the_environment_of_a_child_process():
     s = Settings.load(overrides={"app_id": "x", "delay_hold": "45s"}, environ={})
     assert Settings.load(environ=s.to_environ()) == s
+
+
+def test_the_configuration_page_is_generated_from_the_settings_and_current():
+    from pathlib import Path
+
+    from streams.cli.main import settings_markdown
+    page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert page == settings_markdown(), "docs/configuration.md is stale: run `make docs`"
+    for variable, default, _ in Settings.describe():
+        assert f"`{variable}`" in page
