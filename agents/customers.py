@@ -79,7 +79,7 @@ def freeze_heap() -> None:
     """Move every object alive now (Faust, aiokafka, the rule book: hundreds of thousands of
     them) out of the cyclic collector's sight. Without this, each full collection scanned
     them all, stalling the event loop 60-150 ms every few seconds under load, which was most
-    of the p99 of real-time latency (README, "Performance"). Objects created later are
+    of the p99 of real-time latency (docs/performance.md). Objects created later are
     collected as usual."""
     gc.collect()
     gc.freeze()
@@ -121,7 +121,7 @@ class ReportingState:
     Customers are not kept decoded between batches: with a cache of the 50,000 most recently
     used ones, alternating A/B drains were slower (encoding cold objects cost more than the
     decodes saved), and full collections of 166-184 ms showed in the tail of real-time
-    latency (README, "Performance")."""
+    latency (docs/performance.md)."""
 
     def __init__(self, store: ChangeloggedStore):
         self.store = store

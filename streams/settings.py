@@ -73,7 +73,7 @@ class Settings:
     action_type_long_term: str = _setting(DEFAULT_ACTION_TYPES["LONG_TERM"], "default action type for LONG_TERM")
     action_type_invalid: str = _setting(DEFAULT_ACTION_TYPES["INVALID"], "default action type for INVALID")
     # worker runtime
-    processing_guarantee: str = _setting("at_least_once", "Faust processing guarantee; see README for why exactly_once is not used")
+    processing_guarantee: str = _setting("at_least_once", "Faust processing guarantee; docs/architecture.md says why exactly_once is not used")
     session_timeout: int = _duration(10 * SECOND, "consumer-group session timeout: how soon a crashed worker's partitions move")
     partition_fetch_bytes: int = _setting(1024 * 1024, "most bytes one fetch takes from one input partition (Kafka's max.partition.fetch.bytes)")
     merge_wait: int = _duration(500, "how long an event may wait for the other event topic's partition before it is applied out of ts order")

@@ -18,7 +18,7 @@ Faust runs the group (co-partitioned assignment, rebalances, offset commits), th
 agent and its table, and the timers. The hot path skips Faust's per-record machinery: the
 consumer hands `apply_customer_events` whole fetched batches (streams/kafka/faust_consumer.py),
 and `reporting_state` is committed and restored in batches (streams/state/store.py);
-README "Performance" has the profiles behind this.
+docs/performance.md has the profiles behind this.
 """
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ class DrainingWorker(faust.Worker):
     Faust's spinner is a trap at log level warning or above: to spin on every log record it
     sets the *root logger* to DEBUG, so every `log.debug` in aiokafka and Faust (one per
     produced record, among others) builds a LogRecord that the handlers then drop. That was
-    4.5% of a worker's samples at `--log-level warning` (README, "Performance").
+    4.5% of a worker's samples at `--log-level warning` (docs/performance.md).
     """
 
     def __init__(self, app, before_stop, **kwargs):

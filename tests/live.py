@@ -7,7 +7,7 @@ other; what a source can promise is that an event it wrote earlier is *acknowled
 it writes a later event to the other topic. `LiveWriter` keeps that promise: in log order,
 and whenever the next record goes to the other event topic than the one before it, it first
 waits for every earlier record's ack. (Back to back on one producer, without that wait, is
-not ordered: README, "Ordering across the two event topics".)
+not ordered: docs/architecture.md, "Ordering across the two event topics".)
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def continuing(batches: dict, next_offsets: dict, refetching: frozenset) -> tupl
 
 #: How long the broker may hold a fetch with no data. Faust fixes 1,500 ms; while a fetch
 #: for quiet partitions waits, aiokafka fetches nothing new for the busy ones, which showed
-#: as 1.5 s spikes in real-time latency at steady load (README, "Performance").
+#: as 1.5 s spikes in real-time latency at steady load (docs/performance.md).
 FETCH_MAX_WAIT_MS = 100
 
 
@@ -88,9 +88,9 @@ class BatchingConsumer(RewindingConsumer):
 
     Faust delivers every record on its own: a `Message` and an `Event` object, a callback
     under a lock, a channel queue, the stream iterator, sensors, an ack; on this machine that
-    path alone costs more than a raw aiokafka consumer spends on a record in total (README,
-    "Performance"). For the topics in `batch_topics`, this consumer takes the records as
-    aiokafka fetched them, per partition, and awaits `batch_handler(records)` instead; the
+    path alone costs more than a raw aiokafka consumer spends on a record in total
+    (docs/performance.md). For the topics in `batch_topics`, this consumer takes the records
+    as aiokafka fetched them, per partition, and awaits `batch_handler(records)` instead; the
     handler's `await` is the fetcher's back-pressure. Everything else stays Faust's: the
     group, the co-partitioned assignment, flow control during rebalances and recovery,
     seeking, and the commit loop, which commits the handler's `committable` offsets (the

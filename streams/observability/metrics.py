@@ -175,7 +175,7 @@ def observe_report(report, now_ms: int) -> None:
 def watch_gc_pauses() -> None:
     """Time every collection into GC_PAUSE (once per process). Python's own `python_gc_*`
     metrics count collections but not how long they stop the loop; a full collection of
-    170 ms was how a decoded-customer cache showed in p99 (README, "Performance")."""
+    170 ms was how a decoded-customer cache showed in p99 (docs/performance.md)."""
     if _on_gc in gc.callbacks:
         return
     _on_gc.children = [GC_PAUSE.labels(str(generation)) for generation in range(3)]

@@ -4,7 +4,7 @@ The worker's `reporting_state` (customers, partition clocks, the hold index, app
 markers) lives here: one RocksDB database per partition under `data_dir`, and one compacted
 changelog topic with a partition per state partition, the one source of truth. It replaces
 Faust's `Table` for this state because Faust's table pays per key what this store pays per
-batch (see README, "Performance"):
+batch (docs/performance.md):
 
 - Faust publishes one changelog record per key set, each with its own future, and writes a
   persisted offset to RocksDB on every changelog acknowledgement. Here a commit appends all

@@ -1,5 +1,5 @@
 """The benchmark harnesses run end to end at a small size, so they cannot rot. No timing is
-asserted: the numbers belong in the README, measured by `make bench` and `make bench-sink`."""
+asserted: the numbers belong in docs/performance.md, measured by `make bench` and `make bench-sink`."""
 from __future__ import annotations
 
 import subprocess

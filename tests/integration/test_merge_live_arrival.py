@@ -15,7 +15,7 @@ tag is written. On one broker the code before the fix passed these scenarios too
 fetches cover every partition of the broker at once, so the high-water mark that comes with
 a tag is rarely older than the contact). What it failed, 16 of 360 customers unreportable,
 was writing back to back without waiting for the ack; there the broker itself can expose
-the tag first, which no consumer can undo (README, "Ordering across the two event topics").
+the tag first, which no consumer can undo (docs/architecture.md, "Ordering across the two event topics").
 """
 from __future__ import annotations
 

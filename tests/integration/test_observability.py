@@ -18,7 +18,7 @@ What it shows:
   for the same group at the same moment.
 
 Set TAGSTREAM_DASHBOARD_PNG=path to also render the key panels' queries from this run to a
-PNG with headless Chromium (`make dashboard-png` does, for the README).
+PNG with headless Chromium (`make dashboard-png` does, for docs/operations.md).
 """
 from __future__ import annotations
 

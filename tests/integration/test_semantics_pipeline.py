@@ -5,7 +5,7 @@ unreportable reports the real pipeline writes equal what the independent referen
 (tests/reference_model.py) computes from the same log — even when the worker is SIGKILLed
 mid-log and restarted, so held delayed reports must survive in the changelog.
 
-Delivery is at-least-once onto the topic (see README, "Exactly once"): a crash can repeat a
+Delivery is at-least-once onto the topic (docs/architecture.md, "Exactly once"): a crash can repeat a
 report already sent. So the comparison is on distinct reports, and the test also checks
 that every repeat is the very same report (only `emitted_at` may differ), which is what the
 sink's acknowledged-id record needs to drop it safely.
