@@ -2,7 +2,8 @@
 
 `decode_tag_event`, `decode_contact_event` and `decode_reporting_rule` take the raw key and
 value bytes of a Kafka record and return either a record or a `Rejection` carrying one of
-the SPEC's dead-letter codes. They never raise on bad input: errors are values here, so one
+the SPEC's dead-letter codes; `decode_conversion_report` does the same for what the sink
+reads from the outbound topic, which any producer can write to. They never raise on bad input: errors are values here, so one
 bad record can never stop a partition. The JSON Schema files in `schemas/json/` describe the
 same formats for other tools; a test keeps the two in agreement.
 """
@@ -108,6 +109,40 @@ REPORTING_RULE_FIELDS: tuple[FieldSpec, ...] = (
     ("action_type", _identifier, False, True),
 )
 
+REPORT_MODES = ("realtime", "delayed")
+CUSTOM = "CUSTOM"
+
+
+def _hex64(value: Any) -> Optional[str]:
+    ok = type(value) is str and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return None if ok else "expected 64 lowercase hex characters"
+
+
+def _string_map(value: Any) -> Optional[str]:
+    ok = type(value) is dict and all(type(v) is str and 0 < len(v) <= MAX_IDENTIFIER_CHARS for v in value.values())
+    return None if ok else "expected an object of non-empty strings"
+
+
+CONVERSION_REPORT_FIELDS: tuple[FieldSpec, ...] = (
+    ("outer_action_id", _hex64, True, False),
+    ("account_id", _integer, True, False),
+    ("user_action_set_id", _integer, True, False),
+    ("action_type", _identifier, True, False),
+    ("custom_action", _identifier, True, True),
+    ("action_time", _non_negative_integer, True, False),
+    ("user_id", _string_map, True, False),
+    ("trace", _string_map, True, False),
+    ("standard_type", _one_of(STANDARD_TYPES), True, False),
+    ("mode", _one_of(REPORT_MODES), True, False),
+    ("reason", _text, True, True),
+    ("corp_id", _identifier, True, False),
+    ("external_userid", _identifier, True, False),
+    ("tag_id", _identifier, True, False),
+    ("source_event_id", _identifier, True, False),
+    ("event_ts", _non_negative_integer, True, False),
+    ("emitted_at", _non_negative_integer, True, False),
+)
+
 Parsed = Union[dict, Rejection]
 
 
@@ -191,3 +226,18 @@ def decode_reporting_rule(key: Optional[bytes], value: Optional[bytes]
                 return Rejection(MISSING_FIELD, f"{name}: required when standard_type is set")
     mismatch = _check_key(key, rule_key(body["corp_id"], body["tag_id"]), "corp_id:tag_id")
     return mismatch or ReportingRule(**body)
+
+
+def decode_conversion_report(key: Optional[bytes], value: Optional[bytes]) -> Union[dict, Rejection]:
+    """A record of the outbound topic as the sink delivers it: the report's fields (SPEC
+    §3.4, `schemas/json/conversion_report.schema.json`), keyed by its `outer_action_id` (the
+    key decides the partition, and the sink's record of delivered ids is per partition: a
+    report under another key could be delivered twice). A tombstone or anything else is a
+    `Rejection` with a SPEC §3.5 code."""
+    body = _parse_object(value, CONVERSION_REPORT_FIELDS)
+    if isinstance(body, Rejection):
+        return body if value is not None else Rejection(NOT_JSON, "value is null (a tombstone), not a report")
+    if (body["action_type"] == CUSTOM) != (body["custom_action"] is not None):
+        return Rejection(INVALID_FIELD, "custom_action: set exactly when action_type is CUSTOM")
+    mismatch = _check_key(key, body["outer_action_id"], "the outer_action_id")
+    return mismatch or body

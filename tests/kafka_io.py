@@ -101,3 +101,22 @@ def delete_topics_with_prefix(prefix: str) -> None:
         finally:
             await admin.close()
     asyncio.run(run())
+
+
+def group_lag(group: str, topic: str, partitions: int) -> int:
+    """Records of `topic` that `group` has not committed past (log end minus committed offset,
+    summed over the partitions; a partition with no committed offset counts from 0)."""
+    async def run() -> int:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
+        await admin.start()
+        await consumer.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+            ends = await consumer.end_offsets(tps)
+            return sum(ends[tp] - max(committed[tp].offset if tp in committed else 0, 0) for tp in tps)
+        finally:
+            await consumer.stop()
+            await admin.close()
+    return asyncio.run(run())

@@ -130,7 +130,7 @@ SINK_RETRIES = Counter(
     ["reason"])
 SINK_REPORTS = Counter(
     "tagstream_sink_reports_total",
-    "Reports read by the sink, by outcome (delivered, already_delivered, failed, in_doubt_resent)",
+    "Reports read by the sink, by outcome (delivered, already_delivered, failed, in_doubt_resent; invalid: not a report, parked on report-failures)",
     ["outcome"])
 SINK_BATCH_ACTIONS = Histogram(
     "tagstream_sink_batch_actions",

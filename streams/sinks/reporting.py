@@ -20,6 +20,14 @@ out) and are sent again, counted in `tagstream_sink_reports_total{outcome="in_do
 No protocol can close that last window without the API's help: the API documents
 `outer_action_id` as its own dedupe key, which makes an in-doubt resend harmless there.
 
+What the sink reads is validated like the worker's input (`decode_conversion_report`): any
+producer can write to the outbound topic (`tagstream replay` does, and so can an operator),
+and one bad record must not stop delivery. A record that is not a report (garbage bytes, a
+tombstone, JSON that is not a report, a report under another key) goes to `report-failures`
+in the dead-letter format (SPEC §3.5: the reason, where it came from, its bytes), is
+counted (`tagstream_sink_reports_total{outcome="invalid"}`), and the offsets move past it,
+for every target.
+
 Why the record stays bounded: compaction keeps one record per `outer_action_id`, and an id
 is the hash of (corp, customer, standard type), so there are at most six per customer:
 the same order as the worker's own per-customer state. In memory the sink holds only the
@@ -41,6 +49,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
+from schemas.validation import Rejection, decode_conversion_report
 from streams.observability import metrics
 from streams.sinks.marketing_api import (
     Batch, MarketingApiClient, Outcome, RateLimiter, classify, pack, token_from_settings)
@@ -70,9 +79,47 @@ def _reports_consumer(settings: Settings, listener: Optional[ConsumerRebalanceLi
     return consumer
 
 
+def _producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
+                            enable_idempotence=True, linger_ms=2)
+
+
+def split_reports(batches: dict) -> tuple[list, list]:
+    """A round's records: ([(tp, record, report)], [(tp, record, why it is not a report)])."""
+    reports, invalid = [], []
+    for tp, records in batches.items():
+        for record in records:
+            decoded = decode_conversion_report(record.key, record.value)
+            if isinstance(decoded, Rejection):
+                invalid.append((tp, record, decoded))
+            else:
+                reports.append((tp, record, decoded))
+    return reports, invalid
+
+
+async def park_invalid(producer: AIOKafkaProducer, settings: Settings, invalid: list) -> None:
+    """Records of the outbound topic that are not reports, to `report-failures` in the
+    dead-letter format, acknowledged before the round's offsets are committed."""
+    if not invalid:
+        return
+    topic, at = settings.topic("report_failures_topic"), int(time.time() * 1000)
+    futures = []
+    for tp, record, rejection in invalid:
+        letter = rejection.dead_letter(topic=tp.topic, partition=tp.partition, offset=record.offset,
+                                       key=record.key, value=record.value, at=at)
+        futures.append(await producer.send(topic, key=record.key, value=orjson.dumps(letter.as_wire())))
+    await asyncio.gather(*futures)
+    metrics.SINK_REPORTS.labels("invalid").inc(len(invalid))
+    codes = sorted({rejection.error for _, _, rejection in invalid})
+    log.warning("%d records of the outbound topic are not reports (%s); parked on %s", len(invalid),
+                ", ".join(codes), topic)
+
+
 async def run_file_sink(settings: Settings, target: str, stop: asyncio.Event) -> int:
     """Copy reports to the target until `stop` is set; returns how many were written."""
     out = open_target(target)
+    producer = _producer(settings)
+    await producer.start()
     consumer = _reports_consumer(settings)
     await consumer.start()
     written = 0
@@ -81,17 +128,19 @@ async def run_file_sink(settings: Settings, target: str, stop: asyncio.Event) ->
             batches = await consumer.getmany(timeout_ms=200, max_records=2000)
             if not batches:
                 continue
-            for records in batches.values():
-                for record in records:
-                    out.write(record.value + b"\n")
-                    written += 1
+            reports, invalid = split_reports(batches)
+            for _, record, _ in reports:
+                out.write(record.value + b"\n")           # as it is on the topic
+            written += len(reports)
             out.flush()
             if out is not sys.stdout.buffer:
                 # Durable before the offsets move: a crash here re-writes, never loses.
                 await asyncio.get_running_loop().run_in_executor(None, os.fsync, out.fileno())
+            await park_invalid(producer, settings, invalid)
             await consumer.commit()
     finally:
         await consumer.stop()
+        await producer.stop()
         if out is not sys.stdout.buffer:
             out.close()
     return written
@@ -216,17 +265,18 @@ class ApiSink:
         await self.record.ensure_loaded({tp.partition for tp in batches})
         todo: list[tuple[int, dict]] = []
         seen: set[str] = set()
-        for tp, records in batches.items():
-            for record in records:
-                report = orjson.loads(record.value)
-                oid = report["outer_action_id"]
-                if self.record.delivered(tp.partition, oid) or oid in seen:
-                    self._count("already_delivered")
-                    continue
-                seen.add(oid)
-                if oid in self.record.in_doubt.get(tp.partition, ()):
-                    self._count("in_doubt_resent")
-                todo.append((tp.partition, report))
+        reports, invalid = split_reports(batches)
+        await park_invalid(self.producer, self.settings, invalid)
+        self.totals["invalid"] += len(invalid)
+        for tp, _, report in reports:
+            oid = report["outer_action_id"]
+            if self.record.delivered(tp.partition, oid) or oid in seen:
+                self._count("already_delivered")
+                continue
+            seen.add(oid)
+            if oid in self.record.in_doubt.get(tp.partition, ()):
+                self._count("in_doubt_resent")
+            todo.append((tp.partition, report))
         if not todo:
             return
         await self.record.mark([(p, r["outer_action_id"]) for p, r in todo], SENDING)
@@ -335,8 +385,7 @@ async def run_api_sink(settings: Settings, stop: asyncio.Event) -> dict:
     if not token.token:
         raise ConfigError("--target api needs an access token: set TAGSTREAM_ACCESS_TOKEN_FILE "
                           "(re-read when the token expires) or TAGSTREAM_ACCESS_TOKEN")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                                enable_idempotence=True, linger_ms=2)
+    producer = _producer(settings)
     await producer.start()
     record = DeliveredRecord(settings, producer)
     consumer = _reports_consumer(settings, listener=record)

@@ -162,9 +162,10 @@ class Pipeline:
 
 class SinkProcess:
     """`tagstream sink --target api` in a child process, on a pipeline's topics, delivering to
-    `base_url` with the token read from `token_file`."""
+    `base_url` with the token read from `token_file` (or another `target`, e.g. file:PATH)."""
 
-    def __init__(self, pipeline: Pipeline, base_url: str, token_file: Path, log_path: Path):
+    def __init__(self, pipeline: Pipeline, base_url: str, token_file: Path, log_path: Path, target: str = "api"):
+        self.target = target
         self.env = {**os.environ, **pipeline.settings.to_environ(),
                     "TAGSTREAM_MARKETING_API_BASE": base_url, "TAGSTREAM_ACCESS_TOKEN_FILE": str(token_file),
                     "TAGSTREAM_SINK_METRICS_PORT": str(free_port())}
@@ -173,7 +174,7 @@ class SinkProcess:
         self.process = None
 
     def start(self) -> "SinkProcess":
-        self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "sink", "--target", "api"],
+        self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "sink", "--target", self.target],
                                         env=self.env, cwd=REPO, stdout=open(self.log_path, "ab"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
         return self

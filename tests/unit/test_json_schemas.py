@@ -13,6 +13,7 @@ import base64
 import json
 from typing import Any, Callable, Iterable
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
@@ -26,7 +27,7 @@ from schemas.records import (
     ReportingRule, TagEvent)
 from schemas.validation import (
     CONTACT_EVENT_FIELDS, REPORTING_RULE_FIELDS, TAG_EVENT_FIELDS, Rejection,
-    decode_contact_event, decode_reporting_rule, decode_tag_event)
+    decode_contact_event, decode_conversion_report, decode_reporting_rule, decode_tag_event)
 from streams.core.semantics import ReportingPolicy, run_log
 
 VALIDATORS = {name: Draft202012Validator(load_schema(name)) for name in SCHEMA_NAMES}
@@ -339,6 +340,9 @@ def test_reports_from_the_engine_validate(history, now_ms: int):
     for report in (*reports, *unreportable):
         event(f"{report.standard_type} {report.mode} {report.reason}")
         VALIDATORS["conversion_report"].validate(report.as_wire())
+        # and the sink's decoder takes it as it is
+        assert decode_conversion_report(report.outer_action_id.encode(), orjson.dumps(report.as_wire())) \
+            == report.as_wire()
 
 
 def sample_report(**changes: Any) -> dict:
@@ -380,6 +384,45 @@ def test_report_schema_lists_exactly_the_wire_fields():
 ])
 def test_report_schema_rejects_malformed_reports(changes: dict):
     assert not VALIDATORS["conversion_report"].is_valid(sample_report(**changes))
+
+
+@pytest.mark.parametrize("changes", [
+    pytest.param({"outer_action_id": "3F9A" + "0" * 60}, id="upper-case hex"),
+    pytest.param({"outer_action_id": "0" * 63}, id="63 hex chars"),
+    pytest.param({"mode": "live"}, id="unknown mode"),
+    pytest.param({"standard_type": "PURCHASE"}, id="unknown standard type"),
+    pytest.param({"user_id": {"wechat_app_id": 7}}, id="non-string identity"),
+    pytest.param({"trace": ["clk_81"]}, id="trace as list"),
+    pytest.param({"custom_action": "LONG_TERM_CONVERSION"}, id="custom_action without CUSTOM"),
+    pytest.param({"action_type": "CUSTOM"}, id="CUSTOM without custom_action"),
+    pytest.param({"reason": 3}, id="numeric reason"),
+    pytest.param({"event_ts": -1}, id="negative event_ts"),
+    pytest.param({"account_id": None}, id="null account"),
+])
+def test_the_sinks_decoder_refuses_what_the_schema_refuses(changes: dict):
+    report = sample_report(**changes)
+    key = report["outer_action_id"].encode() if isinstance(report["outer_action_id"], str) else b"k"
+    assert isinstance(decode_conversion_report(key, orjson.dumps(report)), Rejection)
+
+
+def test_the_sinks_decoder_refuses_a_report_under_another_key_and_ignores_unknown_fields():
+    report = sample_report()
+    key = report["outer_action_id"].encode()
+    assert decode_conversion_report(b"ww51a2:wmKx01", orjson.dumps(report)).error == "key_mismatch"
+    assert decode_conversion_report(key, orjson.dumps({**report, "note": "from a newer writer"})) == report
+    assert decode_conversion_report(key, None).error == "not_json"
+
+
+@settings(max_examples=500, deadline=None)
+@given(key=st.none() | st.binary(max_size=70),
+       value=st.none() | st.binary(max_size=300) | st.builds(
+           lambda report, drop: orjson.dumps({k: v for k, v in report.items() if k != drop}),
+           st.just(None).map(lambda _: sample_report()), st.sampled_from([None, "outer_action_id", "trace", "mode"])))
+def test_the_sinks_decoder_takes_any_bytes(key, value):
+    decoded = decode_conversion_report(key, value)
+    assert isinstance(decoded, (dict, Rejection))
+    if isinstance(decoded, Rejection):
+        assert decoded.error in DEAD_LETTER_CODES and decoded.detail
 
 
 def test_report_schema_rejects_a_missing_field():
