@@ -45,7 +45,7 @@ from faust.types import TP
 
 from agents import dead_letters
 from agents.rules import RuleReplica
-from schemas.validation import Rejection, decode_contact_event, decode_tag_event
+from schemas.validation import Rejection, decode_contact_event, decode_tag_event, trusted_time
 from streams.observability import metrics
 from streams.state.failpoints import failpoint
 from streams.core.merge import CoPartitionMerge
@@ -200,7 +200,7 @@ class CustomerEvents:
                  replica: RuleReplica, policy: ReportingPolicy,
                  tag_events_topic: str, contact_events_topic: str, merge_wait_ms: int,
                  conversion_reports_topic: str, unreportable_topic: str, dead_letters_topic: str,
-                 batch_max: int = 500, batch_linger_ms: int = 50):
+                 max_future_skew_ms: int = 3_600_000, batch_max: int = 500, batch_linger_ms: int = 50):
         self.app = app
         self.replica = replica
         self.store = store
@@ -210,6 +210,7 @@ class CustomerEvents:
         self.engine = ReportingEngine(self.state, replica.book.rule_as_of, policy)
         self.tag_events_topic = tag_events_topic
         self.decoders = {tag_events_topic: decode_tag_event, contact_events_topic: decode_contact_event}
+        self.max_future_skew_ms = max_future_skew_ms
         self.topics = (conversion_reports_topic, unreportable_topic, dead_letters_topic)
         self.merge: CoPartitionMerge = CoPartitionMerge(
             (contact_events_topic, tag_events_topic), max_wait_ms=merge_wait_ms)
@@ -257,7 +258,7 @@ class CustomerEvents:
                 return                      # not seen, not committable: the next owner's
             await self._ready()
             arrived = _monotonic_ms()
-            offer = self.merge.offer
+            offer, skew = self.merge.offer, self.max_future_skew_ms
             for tp, batch in records.items():
                 topic, partition = tp.topic, tp.partition
                 decode = self.decoders[topic]
@@ -272,6 +273,8 @@ class CustomerEvents:
                         self.outcomes[(topic, "redelivered")] += 1
                         continue
                     decoded = decode(record.key, record.value)
+                    if not isinstance(decoded, Rejection):
+                        decoded = trusted_time(decoded.ts, record.timestamp, skew) or decoded
                     if isinstance(decoded, Rejection):
                         await self._dead_letter(tp, record, decoded)
                         continue

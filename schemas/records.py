@@ -43,10 +43,12 @@ REASON_ORDER_AFTER_WINDOW = "order_after_window"
 REASON_ADD_TIME_UNKNOWN = "add_time_unknown"
 REASON_NO_USER_IDENTITY = "no_user_identity"
 
-#: Dead-letter codes (SPEC §3.5).
-NOT_JSON, NOT_OBJECT, TOO_LARGE, MISSING_FIELD, INVALID_FIELD, KEY_MISMATCH = (
-    "not_json", "not_object", "too_large", "missing_field", "invalid_field", "key_mismatch")
-DEAD_LETTER_CODES = (NOT_JSON, NOT_OBJECT, TOO_LARGE, MISSING_FIELD, INVALID_FIELD, KEY_MISMATCH)
+#: Dead-letter codes (SPEC §3.5). `ts_in_future`: a valid event whose `ts` is further ahead
+#: of its Kafka record's timestamp than `max_future_skew` (a bad clock upstream); it would
+#: move its partition's stream time ahead and release every hold at once (issue 18).
+NOT_JSON, NOT_OBJECT, TOO_LARGE, MISSING_FIELD, INVALID_FIELD, KEY_MISMATCH, TS_IN_FUTURE = (
+    "not_json", "not_object", "too_large", "missing_field", "invalid_field", "key_mismatch", "ts_in_future")
+DEAD_LETTER_CODES = (NOT_JSON, NOT_OBJECT, TOO_LARGE, MISSING_FIELD, INVALID_FIELD, KEY_MISMATCH, TS_IN_FUTURE)
 MAX_RECORD_BYTES = 64 * 1024
 MAX_IDENTIFIER_CHARS = 128
 

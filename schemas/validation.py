@@ -17,7 +17,7 @@ import orjson
 
 from schemas.records import (
     CONTACT_CHANGE_TYPES, INVALID_FIELD, KEY_MISMATCH, MAX_IDENTIFIER_CHARS, MAX_RECORD_BYTES,
-    MISSING_FIELD, NOT_JSON, NOT_OBJECT, STANDARD_TYPES, TAG_OPS, TOO_LARGE, ContactEvent,
+    MISSING_FIELD, NOT_JSON, NOT_OBJECT, STANDARD_TYPES, TAG_OPS, TOO_LARGE, TS_IN_FUTURE, ContactEvent,
     DeadLetter, ReportingRule, TagEvent, customer_key, rule_key)
 
 
@@ -200,6 +200,23 @@ def decode_contact_event(key: Optional[bytes], value: Optional[bytes]) -> Union[
     mismatch = _check_key(key, customer_key(body["corp_id"], body["external_userid"]),
                           "corp_id:external_userid")
     return mismatch or ContactEvent(**body)
+
+
+def trusted_time(event_ts: int, record_timestamp: Optional[int], max_future_skew_ms: int) -> Optional[Rejection]:
+    """SPEC §3.5 `ts_in_future`: None if the event's `ts` may move stream time, else why not.
+
+    A `ts` more than `max_future_skew_ms` ahead of the Kafka record's own timestamp is a bad
+    clock upstream. Taken as it is, it would move its partition's stream time years ahead
+    and release every hold there at once, before a staff's untag could cancel it. The check
+    compares with the record timestamp, never the wall clock, so a replay of the same
+    records decides exactly as the live run did; the broker keeps record timestamps honest
+    (`message.timestamp.after.max.ms` on the input topics, `streams/kafka/admin.py`). A
+    record without a timestamp (an archive line without one) is not checked."""
+    if record_timestamp is None or record_timestamp < 0 or event_ts - record_timestamp <= max_future_skew_ms:
+        return None
+    return Rejection(TS_IN_FUTURE, f"ts {event_ts} is {event_ts - record_timestamp} ms ahead of the record's "
+                                   f"timestamp {record_timestamp}; the limit is {max_future_skew_ms} ms "
+                                   "(max_future_skew)")
 
 
 #: A tombstone on the rules topic: every version of that key is deleted (SPEC §3.3).

@@ -66,6 +66,7 @@ class Settings:
     delay_hold: int = _duration(30 * MINUTE, "how long LONG_TERM and INVALID reports are held")
     idle_grace: int = _duration(5 * MINUTE, "live mode: a hold also fires this long after its deadline in wall-clock time")
     dedupe_horizon: int = _duration(7 * DAY, "how long event ids are remembered for dedupe (stream time)")
+    max_future_skew: int = _duration(HOUR, "an event whose ts is further ahead of its Kafka record timestamp is dead-lettered (ts_in_future) and does not move stream time")
     action_type_consult: str = _setting(DEFAULT_ACTION_TYPES["CONSULT"], "default action type for CONSULT")
     action_type_lead: str = _setting(DEFAULT_ACTION_TYPES["LEAD"], "default action type for LEAD")
     action_type_valid: str = _setting(DEFAULT_ACTION_TYPES["VALID"], "default action type for VALID")

@@ -126,7 +126,8 @@ def build_topology(settings: Settings) -> Topology:
         app, store=reporting_state, bootstrap_servers=s.bootstrap_servers, replica=replica,
         policy=ReportingPolicy.from_settings(s),
         tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
-        merge_wait_ms=s.merge_wait, batch_max=s.batch_max, batch_linger_ms=s.batch_linger,
+        merge_wait_ms=s.merge_wait, max_future_skew_ms=s.max_future_skew,
+        batch_max=s.batch_max, batch_linger_ms=s.batch_linger,
         conversion_reports_topic=names["conversion_reports"], unreportable_topic=names["unreportable"],
         dead_letters_topic=names["dead_letters"])
     # apply_customer_events: the consumer hands it whole fetched batches of both event topics

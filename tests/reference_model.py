@@ -54,6 +54,11 @@ ADD_TIME_UNKNOWN = "add_time_unknown"
 # Small helpers, each named after the SPEC rule it implements.
 # ---------------------------------------------------------------------------------------------
 
+def ts_in_future(event: dict, record_ts: Optional[int], max_future_skew_ms: int) -> bool:
+    """SPEC §3.5: the event's clock is further ahead of its Kafka record's than allowed."""
+    return record_ts is not None and event["ts"] - record_ts > max_future_skew_ms
+
+
 def customer_key(event: dict) -> str:
     """SPEC §2: the record key of both event topics, ``corp_id:external_userid``."""
     return f"{event['corp_id']}:{event['external_userid']}"
@@ -210,10 +215,17 @@ def reference_reports(
     delay_hold_ms: int = 30 * MINUTE_MS,
     dedupe_horizon_ms: int = 7 * DAY_MS,
     flush_at_end: bool = True,
+    record_timestamps: Optional[list[Optional[int]]] = None,
+    max_future_skew_ms: int = 60 * MINUTE_MS,
 ) -> tuple[list[dict], list[dict]]:
     """Reports and unreportable reports for ``events`` applied in order under ``rules``.
 
     Returns ``(reports, unreportable)`` in the order they are produced. The semantics:
+
+    * SPEC §3.5 ``ts_in_future``: with ``record_timestamps`` (the Kafka record timestamp of
+      each event, or None), an event whose ``ts`` is more than ``max_future_skew_ms`` ahead
+      of its record's timestamp is a dead letter: it is not applied and does not count for
+      stream time. It is as if it was not in the log.
 
     * Stream time is per partition number (``partition_of(customer_key)``): the max ``ts`` of
       every event seen so far on that partition, duplicates included. Each event (a) advances
@@ -237,6 +249,9 @@ def reference_reports(
     earlier one of the same key wins over it; a rule is looked up by the record key
     ``corp_id:tag_id`` of the rules list, never by the rule body.
     """
+    if record_timestamps is not None:
+        events = [event for event, record_ts in zip(events, record_timestamps)
+                  if not ts_in_future(event, record_ts, max_future_skew_ms)]
     rule_versions = rule_versions_after_applying(rules)
     stream_times = stream_time_at_each_position(events, partition_of)
 

@@ -1,6 +1,12 @@
 """Creating tagstream's topics, with aiokafka's admin client. Topic layout is decided here
 once: every topic gets `settings.partitions` partitions (the event topics must match for
 co-partitioning), the rules topic and the delivered-report record are compacted.
+
+The event topics keep their record timestamps honest: the broker refuses a record whose
+timestamp is more than `max_future_skew` ahead of its own clock
+(`message.timestamp.after.max.ms`, Kafka 3.6+). The worker trusts an event's `ts` only as
+far as that record timestamp (`schemas.validation.trusted_time`), so a bad clock upstream
+can move neither.
 """
 from __future__ import annotations
 
@@ -17,6 +23,16 @@ TOPIC_SETTINGS = (
     "conversion_reports_topic", "unreportable_topic", "dead_letters_topic",
     "report_failures_topic", "delivered_reports_topic")
 COMPACTED = {"tag_mappings_topic", "delivered_reports_topic"}
+EVENT_TOPICS = {"tag_events_topic", "contact_events_topic"}
+
+
+def topic_configs(name: str, settings: Settings) -> dict[str, str]:
+    """The configs a topic of tagstream's is created with."""
+    if name in COMPACTED:
+        return {"cleanup.policy": "compact"}
+    if name in EVENT_TOPICS:
+        return {"message.timestamp.after.max.ms": str(settings.max_future_skew)}
+    return {}
 #: Faust's table changelogs (`{app_id}-{table}-changelog`). Created here, before the worker
 #: starts, because a changelog Faust creates itself on a fresh broker can be missing from
 #: its consumer's metadata at the first table write, which crashes the agent with
@@ -48,8 +64,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
             topic = settings.topic(name)
             if topic in existing:
                 continue
-            configs = {"cleanup.policy": "compact"} if name in COMPACTED else {}
-            wanted.append(NewTopic(topic, settings.partitions, 1, topic_configs=configs))
+            wanted.append(NewTopic(topic, settings.partitions, 1, topic_configs=topic_configs(name, settings)))
         for table in CHANGELOG_TABLES:
             topic = f"{settings.app_id}-{table}-changelog"
             if topic not in existing:

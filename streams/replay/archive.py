@@ -100,7 +100,7 @@ def read_archives(paths: Iterable[str], partitions: int, from_ms: Optional[int],
                 sequence += 1
                 offset = line.get("offset", sequence)
                 records.setdefault((line["kind"], partition), []).append(
-                    InputRecord(line["kind"], partition, offset, key, value, origin))
+                    InputRecord(line["kind"], partition, offset, key, value, origin, timestamp))
     for batch in records.values():
         batch.sort(key=lambda r: r.offset)
     return ArchiveContents(book, rules, records, bad)

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from schemas.validation import Rejection, decode_contact_event, decode_tag_event
+from schemas.validation import Rejection, decode_contact_event, decode_tag_event, trusted_time
 from streams.core.merge import CoPartitionMerge
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import MemoryStore, ReportingEngine, ReportingPolicy, StepResult
@@ -37,6 +37,7 @@ class InputRecord:
     key: Optional[bytes]
     value: Optional[bytes]
     origin: str                 # where it came from, for dead letters: "topic/p@offset" or "file:line"
+    timestamp: Optional[int] = None     # the Kafka record's timestamp (ms), for `trusted_time`
 
 
 # -- the replay core (no Kafka) ---------------------------------------------------------------
@@ -82,7 +83,7 @@ class Replay:
     """Input records in, results out, exactly as the live agent applies them."""
 
     def __init__(self, book: RuleBook, policy: ReportingPolicy, output: Output, summary: ReplaySummary,
-                 progress=None):
+                 progress=None, max_future_skew_ms: int = 3_600_000):
         self.engine = ReportingEngine(MemoryStore(), book.rule_as_of, policy)
         self.merge: CoPartitionMerge = CoPartitionMerge(SOURCES, max_wait_ms=0, max_buffered=sys.maxsize)
         self.done: set[tuple[str, int]] = set()
@@ -90,10 +91,13 @@ class Replay:
         self.output = output
         self.summary = summary
         self.progress = progress
+        self.max_future_skew_ms = max_future_skew_ms
 
     def offer(self, record: InputRecord) -> None:
         self.partitions.add(record.partition)
         decoded = DECODERS[record.source](record.key, record.value)
+        if not isinstance(decoded, Rejection):
+            decoded = trusted_time(decoded.ts, record.timestamp, self.max_future_skew_ms) or decoded
         if isinstance(decoded, Rejection):
             self.summary.dead_letters[decoded.error] += 1
             self.summary.outcomes["dead_lettered"] += 1

@@ -181,7 +181,7 @@ async def replay_topics(settings: Settings, replay: Replay, plan: RangePlan, con
         else:
             for record in records:
                 replay.offer(InputRecord(source, tp.partition, record.offset, record.key, record.value,
-                                         f"{tp.topic}/{tp.partition}@{record.offset}"))
+                                         f"{tp.topic}/{tp.partition}@{record.offset}", record.timestamp))
         replay.release(tp.partition)
         if isinstance(replay.output, TopicOutput):
             await replay.output.drain()      # keeps memory flat on long replays
@@ -368,7 +368,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
                                   + (" in the --from/--to range" if options.from_ms or options.to_ms else "")
                                   + f" ({len(contents.bad_lines)} bad lines, see {options.dead_letters})")
             progress = Progress(total, "replay")
-            replay = Replay(book, policy, output, summary, progress)
+            replay = Replay(book, policy, output, summary, progress, settings.max_future_skew)
             for (source, partition), batch in sorted(contents.records.items()):
                 for record in batch:
                     replay.offer(record)
@@ -385,7 +385,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
                 if plan.records == 0:
                     raise plan.empty_error(settings, options.from_ms, options.to_ms)
                 progress = Progress(plan.records, "replay")
-                replay = Replay(book, policy, output, summary, progress)
+                replay = Replay(book, policy, output, summary, progress, settings.max_future_skew)
                 await replay_topics(settings, replay, plan, consumer, options.from_ms, options.to_ms)
                 replay.finish()
             finally:

@@ -2,7 +2,7 @@
 the SPEC §3.5 error its dead letter must carry.
 
 Every dead-letter class is here (`not_json`, `not_object`, `too_large`, `missing_field`,
-`invalid_field`, `key_mismatch`), and so are the shapes that break hand-written parsers:
+`invalid_field`, `key_mismatch`, `ts_in_future`), and so are the shapes that break hand-written parsers:
 random bytes, JSON nested 5,000 deep, huge strings, wrong types, invalid UTF-8 inside a
 string, a record with no key, and a null value. Each record is made from a valid event of
 the log (so it lands on a real customer's partition, among real traffic) and carries a
@@ -105,6 +105,13 @@ def _null_value(rng, event, marker):
     return None, "not_json"
 
 
+def _far_future_ts(rng, event, marker):
+    # valid, but its clock is hours or years ahead of its record's timestamp (the event's own
+    # ts, as the harness stamps every record): it must not move stream time (issue 18)
+    ahead = rng.choice([2 * 3_600_000, 10 * 365 * 86_400_000])
+    return orjson.dumps(_body(event, marker, ts=event["ts"] + ahead)), "ts_in_future"
+
+
 #: shape -> maker(rng, valid event, unique marker) -> (value, expected error), and its share
 #: of the poison. `too_large` records are 64 KiB each, so they are few.
 SHAPES: dict[str, tuple[Callable, float]] = {
@@ -113,7 +120,7 @@ SHAPES: dict[str, tuple[Callable, float]] = {
     "json_array": (_array, 1), "json_scalar": (_scalar, 1), "too_large": (_too_large, 0.1),
     "huge_identifier": (_huge_identifier, 1), "missing_ts": (_missing_ts, 1), "ts_as_text": (_ts_as_text, 1),
     "negative_ts": (_negative_ts, 0.5), "id_as_number": (_id_as_number, 1), "null_required": (_null_required, 1),
-    "unknown_enum": (_unknown_enum, 1), "null_value": (_null_value, 0.5),
+    "unknown_enum": (_unknown_enum, 1), "null_value": (_null_value, 0.5), "far_future_ts": (_far_future_ts, 1),
     "wrong_key": (None, 1), "no_key": (None, 1),
 }
 

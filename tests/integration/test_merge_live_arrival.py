@@ -34,7 +34,6 @@ from tests.live import LiveWriter
 
 CORP = "wwLive"
 ACCOUNT, ACTION_SET = 2101, 11101
-HOUR = 3_600_000
 BURSTS = (0, 5, 20)
 CUSTOMERS_PER_BURST = 120
 
@@ -82,9 +81,10 @@ async def write_live(pipeline: Pipeline, run: str, rng: random.Random) -> dict[s
                     await writer.write(tags, f"{CORP}:{other}".encode(),
                                        orjson.dumps(tag(other, "t-region", t + 2, f"e-{run}-o{seq}")), t + 2)
                 await asyncio.sleep(rng.choice((0, 0.002, 0.01)))
-        # move every partition's stream time past the INVALID holds' deadline (30 min)
+        # move every partition's stream time past the INVALID holds' deadline (30 min), within
+        # what the event topics accept as a record timestamp (max_future_skew, 1 h)
         await writer.flush()
-        late = int(time.time() * 1000) + HOUR
+        late = int(time.time() * 1000) + 40 * 60_000
         for p in range(64):
             ext = f"wm-{run}-clock-{p}"
             await writer.write(tags, f"{CORP}:{ext}".encode(), orjson.dumps(tag(ext, "t-region", late, f"e-{ext}")), late)

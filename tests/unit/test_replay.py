@@ -42,14 +42,16 @@ class Collect(Output):
 
 
 def _streams(log: dict, partition_of) -> dict[tuple[str, int], list[InputRecord]]:
-    """The log as Kafka would hold it: per (topic, partition), in log order."""
+    """The log as Kafka would hold it: per (topic, partition), in log order, each record
+    stamped with `log["record_ts"][i]` if the log has them."""
     streams: dict = {}
-    for body in log["events"]:
+    for i, body in enumerate(log["events"]):
         key = f"{body['corp_id']}:{body['external_userid']}"
         source = TAG if "op" in body else CONTACT
         partition = partition_of(key)
         batch = streams.setdefault((source, partition), [])
-        batch.append(InputRecord(source, partition, len(batch), key.encode(), orjson.dumps(body), "log"))
+        batch.append(InputRecord(source, partition, len(batch), key.encode(), orjson.dumps(body), f"log:{i}",
+                                 log["record_ts"][i] if "record_ts" in log else None))
     return streams
 
 
@@ -89,6 +91,65 @@ def test_replay_in_any_read_order_equals_the_reference_model_on_long_logs():
         out = _replay(log, partition_of, random.Random(seed))
         assert (canonical(out.reports), canonical(out.unreportables)) == _model(log, partition_of)
         assert len(out.reports) > 50
+
+
+def with_bad_clocks(log: dict, rng: random.Random, share: float) -> tuple[dict, set[int]]:
+    """The log with each record stamped with its event's `ts`, and a share of the tag events
+    given a `ts` years ahead (a bad clock upstream; the record timestamps stay honest)."""
+    events, bad = [], set()
+    for i, body in enumerate(log["events"]):
+        if "op" in body and rng.random() < share:
+            body = {**body, "ts": body["ts"] + rng.choice([2 * 60 * 60_000, 10 * 365 * 86_400_000])}
+            bad.add(i)
+        events.append(body)
+    return {**log, "events": events, "record_ts": [b["ts"] for b in log["events"]]}, bad
+
+
+def test_a_bad_clock_is_dead_lettered_and_changes_nothing_else():
+    """Issue 18: an event with `ts` far ahead of its record timestamp would move stream time
+    and release every hold of its partition at once. It is dead-lettered (`ts_in_future`),
+    and the reports are exactly those of the log without it: holds are released when they
+    would have been, and the model (which drops such events) agrees."""
+    partition_of = lambda key: kafka_partition(key, PARTITIONS)       # noqa: E731
+    for seed in range(3):
+        log = generate_log(seed, customers=60, events=1500)
+        skewed, bad = with_bad_clocks(log, random.Random(seed), share=0.03)
+        assert bad
+        out = _replay(skewed, partition_of, random.Random(seed))
+        assert sorted(origin for origin, error in out.dead if error == "ts_in_future") == sorted(f"log:{i}" for i in bad)
+        without = {**log, "events": [e for i, e in enumerate(log["events"]) if i not in bad]}
+        clean = _replay(without, partition_of, random.Random(seed))
+        assert canonical(out.reports) == canonical(clean.reports)
+        assert canonical(out.unreportables) == canonical(clean.unreportables)
+        reports, unreportable = reference_reports(skewed["rules"], skewed["events"], partition_of=partition_of,
+                                                  record_timestamps=skewed["record_ts"])
+        assert (canonical(out.reports), canonical(out.unreportables)) == (canonical(reports), canonical(unreportable))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event_logs(), st.integers(0, 2 ** 32), st.floats(0.0, 0.3))
+def test_a_bad_clock_changes_nothing_but_its_dead_letter_on_any_log(log, seed, share):
+    partition_of = lambda key: kafka_partition(key, PARTITIONS)       # noqa: E731
+    skewed, bad = with_bad_clocks(log, random.Random(seed), share)
+    out = _replay(skewed, partition_of, random.Random(seed))
+    without = {**log, "events": [e for i, e in enumerate(log["events"]) if i not in bad]}
+    clean = _replay(without, partition_of, random.Random(seed))
+    assert sorted(o for o, error in out.dead if error == "ts_in_future") == sorted(f"log:{i}" for i in bad)
+    assert canonical(out.reports) == canonical(clean.reports)
+    assert canonical(out.unreportables) == canonical(clean.unreportables)
+
+
+def test_without_the_check_a_bad_clock_releases_holds_early():
+    """The same logs, with the check switched off (an absurd skew limit): the far-future
+    events move stream time, and the reports differ. So the test above can fail."""
+    partition_of = lambda key: kafka_partition(key, PARTITIONS)       # noqa: E731
+    log = generate_log(0, customers=60, events=1500)
+    skewed, _ = with_bad_clocks(log, random.Random(0), share=0.03)
+    unchecked = reference_reports(skewed["rules"], skewed["events"], partition_of=partition_of,
+                                  record_timestamps=skewed["record_ts"], max_future_skew_ms=2 ** 62)
+    checked = reference_reports(skewed["rules"], skewed["events"], partition_of=partition_of,
+                                record_timestamps=skewed["record_ts"])
+    assert canonical(unchecked[0]) + canonical(unchecked[1]) != canonical(checked[0]) + canonical(checked[1])
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
