@@ -47,6 +47,7 @@ from agents import dead_letters
 from agents.rules import RuleReplica
 from schemas.validation import Rejection, decode_contact_event, decode_tag_event, trusted_time
 from streams.observability import metrics
+from streams.observability.hot_keys import HotKeys
 from streams.state.failpoints import failpoint
 from streams.core.merge import CoPartitionMerge
 from streams.core.semantics import (
@@ -211,6 +212,7 @@ class CustomerEvents:
         self.tag_events_topic = tag_events_topic
         self.decoders = {tag_events_topic: decode_tag_event, contact_events_topic: decode_contact_event}
         self.max_future_skew_ms = max_future_skew_ms
+        self.hot_keys = HotKeys()           # the busiest customer's share, per partition
         self.topics = (conversion_reports_topic, unreportable_topic, dead_letters_topic)
         self.merge: CoPartitionMerge = CoPartitionMerge(
             (contact_events_topic, tag_events_topic), max_wait_ms=merge_wait_ms)
@@ -258,7 +260,7 @@ class CustomerEvents:
                 return                      # not seen, not committable: the next owner's
             await self._ready()
             arrived = _monotonic_ms()
-            offer, skew = self.merge.offer, self.max_future_skew_ms
+            offer, skew, count_key = self.merge.offer, self.max_future_skew_ms, self.hot_keys.add
             for tp, batch in records.items():
                 topic, partition = tp.topic, tp.partition
                 decode = self.decoders[topic]
@@ -272,6 +274,7 @@ class CustomerEvents:
                     if applied is not None and offset <= applied:
                         self.outcomes[(topic, "redelivered")] += 1
                         continue
+                    count_key(partition, record.key)
                     decoded = decode(record.key, record.value)
                     if not isinstance(decoded, Rejection):
                         decoded = trusted_time(decoded.ts, record.timestamp, skew) or decoded

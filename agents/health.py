@@ -1,5 +1,5 @@
 """The worker's own state as Prometheus gauges, refreshed by a timer: rebalancing and table
-recovery, assigned partitions, table sizes and held reports. (Consumer lag is exported by
+recovery, assigned partitions, table sizes, held reports and hot customers. (Consumer lag is exported by
 `streams.observability.lag`, which every tagstream process runs.)"""
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ def faust_table_keys(table, partition: int) -> Optional[int]:
 
 
 class WorkerHealth:
-    def __init__(self, app, table_keys: dict, held_reports, input_topics: list[str], restoring=lambda: False):
+    def __init__(self, app, table_keys: dict, held_reports, input_topics: list[str], restoring=lambda: False,
+                 hot_customer_shares=dict):
         """`table_keys` maps a table's name to `keys(partition) -> Optional[int]`;
         `held_reports(partition) -> Optional[int]` reads the count from the state table;
-        `restoring()` is True while tagstream's own store restores from its changelog."""
+        `restoring()` is True while tagstream's own store restores from its changelog;
+        `hot_customer_shares()` takes {partition: busiest customer's share} since the last call."""
         self.app = app
+        self.hot_customer_shares = hot_customer_shares
         self.table_keys = table_keys
         self.restoring = restoring
         self.held_reports = held_reports
@@ -51,7 +54,11 @@ class WorkerHealth:
             for name in self.table_keys:
                 _remove(metrics.TABLE_KEYS, name, str(gone))
             _remove(metrics.HELD_REPORTS, str(gone))
+            _remove(metrics.HOT_CUSTOMER_SHARE, str(gone))
         self.exported_partitions = partitions
+        shares = self.hot_customer_shares()
+        for partition in partitions:
+            metrics.HOT_CUSTOMER_SHARE.labels(str(partition)).set(shares.get(partition, 0.0))
         if recovering:
             return                      # tables are being restored; their counts mean nothing yet
         for partition in partitions:

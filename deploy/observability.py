@@ -197,10 +197,15 @@ ROWS = [
     RowSpec("Bad input", [
         PanelSpec("Dead letters by reason", "Malformed input records parked on tagstream.dead-letters.",
                   [Query(f"sum by (topic, error) (rate(tagstream_dead_letters_total{{{TOPIC}}}[{RATE}]))",
-                         "{{topic}} {{error}}")], "ops", width=12),
+                         "{{topic}} {{error}}")], "ops", width=8),
         PanelSpec("Unreportable conversions", "Conversions without a user identity, parked on the unreportable topic.",
                   [Query(f"sum by (standard_type, reason) (rate(tagstream_unreportable_total[{RATE}]))",
-                         "{{standard_type}} {{reason}}")], "ops", width=12),
+                         "{{standard_type}} {{reason}}")], "ops", width=8),
+        PanelSpec("Hot customer share", "Share of each partition's input events that came from its busiest "
+                  "customer (per sampling interval). One customer near 1.0 (a tagging bot, a CRM sync loop) "
+                  "makes every other customer on that partition wait; the worker's log names it.",
+                  [Query(f"max by (partition) (tagstream_hot_customer_share{{{PARTITION}}})", "partition {{partition}}")],
+                  "percentunit", width=8),
     ]),
     RowSpec("Sink (Marketing API)", [
         PanelSpec("API requests by outcome", "user_actions/add requests per second.",

@@ -144,7 +144,7 @@ def build_topology(settings: Settings) -> Topology:
     health = WorkerHealth(
         app, {"reporting_state": per_customer.state_keys, "rule_versions": partial(faust_table_keys, rule_versions)},
         per_customer.held_reports, [names["tag_events"], names["contact_events"]],
-        restoring=lambda: reporting_state.restoring)
+        restoring=lambda: reporting_state.restoring, hot_customer_shares=per_customer.hot_keys.take)
     app.timer(s.metrics_interval / 1000)(_sync(health.refresh))
 
     @app.on_partitions_assigned.connect

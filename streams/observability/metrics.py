@@ -60,6 +60,11 @@ INPUT_REFETCHES = Counter(
     "Input partitions sought back because records before a fetched batch were dropped on the way "
     "(around rebalances); the records were fetched again, none was skipped",
     ["topic"])
+HOT_CUSTOMER_SHARE = Gauge(
+    "tagstream_hot_customer_share",
+    "Share of a partition's input events in the last sampling interval that came from its busiest customer "
+    "(a lower bound; the customer is named in the worker's log when the share is high)",
+    ["partition"])
 HELD_REPORTS = Gauge(
     "tagstream_held_reports",
     "Delayed reports (LONG_TERM, INVALID) waiting for their deadline, per assigned partition (from the state table)",
