@@ -194,7 +194,11 @@ class _Demo:
             last_processed, last_t = processed, now
             done = self.events and self.produced >= self.events and processed >= self.events
             if done and all(row.lag == 0 for row in rows if row.group == f"{s.app_id}-sink"):
-                self._summary(samples, processed, time.time())
+                finished = time.time()
+                # the held-reports gauge is sampled every metrics_interval: wait for a sample
+                # taken after the last event before saying what is still held
+                await asyncio.sleep(s.metrics_interval / 1000 + 0.5)
+                self._summary(await scrape_async(s.metrics_port) or samples, processed, finished)
                 return True
             if self.stop.is_set():
                 print("interrupted")
