@@ -45,7 +45,7 @@ from faust.types import TP
 
 from agents import dead_letters
 from agents.rules import RuleReplica
-from schemas.validation import Rejection, decode_contact_event, decode_tag_event, trusted_time
+from schemas.validation import Rejection, decode_contact_event, decode_event_record, decode_tag_event
 from streams.observability import metrics
 from streams.observability.hot_keys import HotKeys
 from streams.state.failpoints import failpoint
@@ -275,9 +275,7 @@ class CustomerEvents:
                         self.outcomes[(topic, "redelivered")] += 1
                         continue
                     count_key(partition, record.key)
-                    decoded = decode(record.key, record.value)
-                    if not isinstance(decoded, Rejection):
-                        decoded = trusted_time(decoded.ts, record.timestamp, skew) or decoded
+                    decoded = decode_event_record(decode, record.key, record.value, record.timestamp, skew)
                     if isinstance(decoded, Rejection):
                         await self._dead_letter(tp, record, decoded)
                         continue

@@ -219,6 +219,17 @@ def trusted_time(event_ts: int, record_timestamp: Optional[int], max_future_skew
                                    "(max_future_skew)")
 
 
+def decode_event_record(decode: Callable, key: Optional[bytes], value: Optional[bytes],
+                        record_timestamp: Optional[int], max_future_skew_ms: int
+                        ) -> Union[TagEvent, ContactEvent, Rejection]:
+    """An event topic's record as the worker and replay both take it: decoded by `decode`
+    (`decode_tag_event` or `decode_contact_event`), then its time checked (`trusted_time`)."""
+    decoded = decode(key, value)
+    if isinstance(decoded, Rejection):
+        return decoded
+    return trusted_time(decoded.ts, record_timestamp, max_future_skew_ms) or decoded
+
+
 #: A tombstone on the rules topic: every version of that key is deleted (SPEC §3.3).
 @dataclass(frozen=True, slots=True)
 class RuleTombstone:

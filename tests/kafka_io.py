@@ -103,20 +103,28 @@ def delete_topics_with_prefix(prefix: str) -> None:
     asyncio.run(run())
 
 
-def group_lag(group: str, topic: str, partitions: int) -> int:
-    """Records of `topic` that `group` has not committed past (log end minus committed offset,
-    summed over the partitions; a partition with no committed offset counts from 0)."""
-    async def run() -> int:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
+
+def group_offsets(group: str, tps: list[TopicPartition], request_timeout_ms: int = 30_000
+                  ) -> dict[TopicPartition, tuple[int, int]]:
+    """{tp: (committed offset of `group`, log end)}; a partition with no committed offset
+    counts from 0."""
+    async def run() -> dict:
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP, request_timeout_ms=request_timeout_ms)
+        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, request_timeout_ms=request_timeout_ms)
         await admin.start()
         await consumer.start()
         try:
             committed = await admin.list_consumer_group_offsets(group, partitions=tps)
             ends = await consumer.end_offsets(tps)
-            return sum(ends[tp] - max(committed[tp].offset if tp in committed else 0, 0) for tp in tps)
+            return {tp: (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0, ends[tp])
+                    for tp in tps}
         finally:
             await consumer.stop()
             await admin.close()
-    return asyncio.run(run())
+    return asyncio.run(asyncio.wait_for(run(), request_timeout_ms / 1000 * 3))
+
+
+def group_lag(group: str, topic: str, partitions: int) -> int:
+    """Records of `topic` that `group` has not committed past, summed over its partitions."""
+    offsets = group_offsets(group, [TopicPartition(topic, p) for p in range(partitions)])
+    return sum(end - committed for committed, end in offsets.values())

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from schemas.validation import Rejection, decode_contact_event, decode_tag_event, trusted_time
+from schemas.validation import Rejection, decode_contact_event, decode_event_record, decode_tag_event
 from streams.core.merge import CoPartitionMerge
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import MemoryStore, ReportingEngine, ReportingPolicy, StepResult
@@ -95,9 +95,8 @@ class Replay:
 
     def offer(self, record: InputRecord) -> None:
         self.partitions.add(record.partition)
-        decoded = DECODERS[record.source](record.key, record.value)
-        if not isinstance(decoded, Rejection):
-            decoded = trusted_time(decoded.ts, record.timestamp, self.max_future_skew_ms) or decoded
+        decoded = decode_event_record(DECODERS[record.source], record.key, record.value, record.timestamp,
+                                      self.max_future_skew_ms)
         if isinstance(decoded, Rejection):
             self.summary.dead_letters[decoded.error] += 1
             self.summary.outcomes["dead_lettered"] += 1

@@ -58,8 +58,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from streams.observability.observe import total
 from streams.settings import Settings
@@ -210,27 +209,13 @@ def _kafka(*args: str) -> None:
     subprocess.run([str(KAFKA_SH), *args], check=True, capture_output=True)
 
 
-def _group_offsets(group: str, tps: list[TopicPartition]) -> Optional[dict[TopicPartition, int]]:
-    """Committed offsets of `group` and the log ends, as {tp: lag}; None if the broker
-    does not answer."""
-    async def run():
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_io.BOOTSTRAP, request_timeout_ms=3000)
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_io.BOOTSTRAP, request_timeout_ms=3000)
-        await admin.start()
-        await consumer.start()
-        try:
-            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
-            ends = await consumer.end_offsets(tps)
-            return {tp: (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0, ends[tp])
-                    for tp in tps}
-        finally:
-            await consumer.stop()
-            await admin.close()
+def _group_offsets(group: str, tps: list[TopicPartition]) -> Optional[dict[TopicPartition, tuple[int, int]]]:
+    """Committed offsets of `group` and the log ends, {tp: (committed, end)}; None if the
+    broker does not answer."""
     try:
-        return asyncio.run(asyncio.wait_for(run(), 10))
+        return kafka_io.group_offsets(group, tps, request_timeout_ms=3000)
     except Exception:          # noqa: BLE001 - the broker may be down: that is the fault being measured
         return None
-
 
 async def _produce(records: list[tuple[str, Optional[bytes], Optional[bytes], Optional[int]]]) -> list:
     """Send in order, acks=all; returns each record's RecordMetadata."""
