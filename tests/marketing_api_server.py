@@ -16,8 +16,9 @@ It implements the documented contract and the failures a real deployment sees:
 
 Faults are injected through `Faults` (in-process) or `POST /control` (JSON of the same
 fields): a rate of retryable answers (10000, 10001, 11008, 11016-11019, HTTP 500/503, 429),
-a set of outer_action_ids answered with a permanent error (31001, invalid user), a token
-rotation after N requests, slow answers and dropped connections. Every decision comes from
+a set of outer_action_ids answered with a permanent error (31001, invalid user), a set of
+*stuck* accounts whose every request is answered 10001 (system busy) until `heal` takes
+them out, a token rotation after N requests, slow answers and dropped connections. Every decision comes from
 a seeded random generator, so a run is reproducible.
 
 Run it alone: `python -m tests.marketing_api_server --port 18080 --token T`.
@@ -47,6 +48,7 @@ class Faults:
     seed: int = 0
     retryable_rate: float = 0.0          # share of requests answered with a retryable failure
     permanent_ids: set = field(default_factory=set)   # outer_action_ids always rejected
+    stuck_accounts: set = field(default_factory=set)  # account_ids answered 10001 on every request
     rotate_token_after: Optional[int] = None          # requests until the token expires
     new_token: Optional[str] = None
     slow_rate: float = 0.0               # share of requests answered after `slow_s`
@@ -60,6 +62,7 @@ class Delivery:
     account_id: int
     user_action_set_id: int
     action: dict
+    at: float = 0.0                  # wall-clock seconds of the first acceptance
 
 
 class MarketingApiServer:
@@ -72,6 +75,7 @@ class MarketingApiServer:
         self.duplicates: Counter = Counter()       # outer_action_id -> further deliveries
         self.answers: Counter = Counter()           # code (or "http_<status>", "dropped") -> count
         self.requests = 0
+        self.requests_by_account: Counter = Counter()   # well-formed requests per account_id
         self.nonces: set[str] = set()
         self.batch_sizes: list[int] = []
         self.tokens_seen: set[str] = set()
@@ -119,6 +123,11 @@ class MarketingApiServer:
         problem, payload = _validate_body(body)
         if problem:
             return self._answer(40004, problem)
+        account = payload["account_id"]
+        with self.lock:
+            self.requests_by_account[account] += 1
+        if account in self.faults.stuck_accounts:
+            return self._answer(10001, "system busy, try again")
         if roll < self.faults.retryable_rate:
             return self._retryable_answer()
         rejected = [a["outer_action_id"] for a in payload["actions"]
@@ -132,7 +141,8 @@ class MarketingApiServer:
                 if oid in self.accepted:
                     self.duplicates[oid] += 1
                 else:
-                    self.accepted[oid] = Delivery(oid, payload["account_id"], payload["user_action_set_id"], action)
+                    self.accepted[oid] = Delivery(oid, payload["account_id"], payload["user_action_set_id"], action,
+                                                  time.time())
             self.last_accepted_at = time.time()
             self.first_accepted_at = self.first_accepted_at or self.last_accepted_at
         return self._answer(0, "")
@@ -161,8 +171,12 @@ class MarketingApiServer:
     async def control(self, request: web.Request) -> web.Response:
         changes = orjson.loads(await request.read())
         for name, value in changes.items():
-            setattr(self.faults, name, set(value) if name == "permanent_ids" else value)
+            setattr(self.faults, name, set(value) if name in ("permanent_ids", "stuck_accounts") else value)
         return web.json_response({"ok": True})
+
+    def heal(self, *accounts: int) -> None:
+        """The stuck accounts answer normally from now on."""
+        self.faults.stuck_accounts = set(self.faults.stuck_accounts) - set(accounts)
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.summary()), content_type="application/json")

@@ -1,6 +1,7 @@
 """Creating tagstream's topics, with aiokafka's admin client. Topic layout is decided here
 once: every topic gets `settings.partitions` partitions (the event topics must match for
-co-partitioning), the rules topic and the delivered-report record are compacted.
+co-partitioning, and so must the sink's retry topic and `conversion-reports`: a parked report
+keeps its partition number), the rules topic and the delivered-report record are compacted.
 
 The event topics keep their record timestamps honest: the broker refuses a record whose
 timestamp is more than `max_future_skew` ahead of its own clock
@@ -21,7 +22,7 @@ from streams.settings import ConfigError, Settings
 TOPIC_SETTINGS = (
     "tag_events_topic", "contact_events_topic", "tag_mappings_topic",
     "conversion_reports_topic", "unreportable_topic", "dead_letters_topic",
-    "report_failures_topic", "delivered_reports_topic")
+    "report_failures_topic", "delivered_reports_topic", "retry_reports_topic")
 COMPACTED = {"tag_mappings_topic", "delivered_reports_topic"}
 EVENT_TOPICS = {"tag_events_topic", "contact_events_topic"}
 

@@ -135,7 +135,10 @@ SINK_RETRIES = Counter(
     ["reason"])
 SINK_REPORTS = Counter(
     "tagstream_sink_reports_total",
-    "Reports read by the sink, by outcome (delivered, already_delivered, failed, in_doubt_resent; invalid: not a report, parked on report-failures)",
+    "Reports read by the sink, by outcome (delivered, already_delivered, failed, in_doubt_resent; invalid: not a "
+    "report, parked on report-failures; parked: moved to the retry topic after retryable answers, reparked: "
+    "refused again on retry; already_parked: read again while parked; stale_retry_copy: a retry-topic copy "
+    "the delivered record does not name, skipped)",
     ["outcome"])
 SINK_BATCH_ACTIONS = Histogram(
     "tagstream_sink_batch_actions",
@@ -150,7 +153,15 @@ SINK_IN_FLIGHT = Gauge(
     "Marketing API requests waiting for an answer")
 SINK_OLDEST_UNACKED = Gauge(
     "tagstream_sink_oldest_unacknowledged_report_age_seconds",
-    "Age (since its record was written) of the oldest report read but not yet acknowledged or failed")
+    "Age (since its record was written to conversion-reports) of the oldest report read but not yet "
+    "acknowledged or failed, parked reports included")
+SINK_PARKED = Gauge(
+    "tagstream_sink_parked_reports",
+    "Reports parked on the retry topic, waiting for their next attempt, in the sink's assigned partitions")
+SINK_BROKEN_ACCOUNTS = Gauge(
+    "tagstream_sink_accounts_parked",
+    "Accounts whose reports the sink parks at once (their requests ran out of retry budget; probed once "
+    "per sink_retry_delay)")
 SINK_DELIVERED_IDS = Gauge(
     "tagstream_sink_delivered_ids",
     "Acknowledged outer_action_ids held in memory for the sink's assigned partitions")
