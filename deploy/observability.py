@@ -210,7 +210,8 @@ ROWS = [
     RowSpec("Sink (Marketing API)", [
         PanelSpec("API requests by outcome", "user_actions/add requests per second.",
                   [Query(f"sum by (outcome) (rate(tagstream_sink_requests_total[{RATE}]))", "{{outcome}}")], "reqps"),
-        PanelSpec("Reports by sink outcome", "Delivered, already delivered (skipped), failed, in doubt and resent.",
+        PanelSpec("Reports by sink outcome", "Delivered, already delivered (skipped), failed, in doubt and resent; "
+                  "parked on the retry topic (an account the API keeps refusing) and parked again on retry.",
                   [Query(f"sum by (outcome) (rate(tagstream_sink_reports_total[{RATE}]))", "{{outcome}}")], "ops"),
         PanelSpec("Retries by reason", "Requests sent again: 5xx, 429, timeouts, API busy codes, token reloads.",
                   [Query(f"sum by (reason) (rate(tagstream_sink_retries_total[{RATE}]))", "{{reason}}")], "reqps"),
@@ -218,9 +219,12 @@ ROWS = [
                   [Query(f"histogram_quantile(0.99, sum by (le) (rate(tagstream_sink_request_duration_seconds_bucket[{RATE}])))",
                          "p99")], "s"),
         PanelSpec("Oldest unacknowledged report", "Age of the oldest report the sink holds that the API has not "
-                  "acknowledged yet.",
+                  "acknowledged yet, reports parked on the retry topic included (a stuck account shows here while "
+                  "the others flow), with how many are parked and for how many accounts.",
                   [Query("max(tagstream_sink_oldest_unacknowledged_report_age_seconds)", "age"),
-                   Query("sum(tagstream_sink_requests_in_flight)", "requests in flight")], "s"),
+                   Query("sum(tagstream_sink_requests_in_flight)", "requests in flight"),
+                   Query("sum(tagstream_sink_parked_reports)", "parked reports"),
+                   Query("sum(tagstream_sink_accounts_parked)", "accounts parked at once")], "s"),
         PanelSpec("Actions per request", "Mean batch size; 50 is the API's maximum.",
                   [Query(f"sum(rate(tagstream_sink_batch_actions_sum[{RATE}])) "
                          f"/ sum(rate(tagstream_sink_batch_actions_count[{RATE}]))", "actions/request")], "short"),
