@@ -85,10 +85,6 @@ class RetryEnvelope:
         except (KeyError, ValueError):
             return cls(1, 0, record_timestamp, "")
 
-    def again(self, now_ms: int, delay_ms: int) -> "RetryEnvelope":
-        """The envelope of the next copy, after another retryable answer."""
-        return RetryEnvelope(self.attempt + 1, now_ms + delay_ms, self.first_ts, self.origin)
-
 
 class AccountBreaker:
     """Accounts the API keeps refusing, in memory.
