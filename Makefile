@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay chaos docs observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -68,6 +68,10 @@ bench-sink: setup
 ## One 200,000-event log processed live, replayed from topics and from an archive: compared and timed.
 bench-replay: setup
 	$(BIN)/python -m bench.replay_vs_live $(BENCH_ARGS)
+
+## One customer with 100,000 remembered event ids against fresh customers: cost per event, same run.
+bench-hot-customer: setup
+	$(BIN)/python -m bench.hot_customer $(BENCH_ARGS)
 
 ## The chaos run: 300,000 events, two workers, the sink and the Marketing API, with worker/sink
 ## SIGKILLs, a join/leave, a broker restart, API failure bursts and 5% poison (CI runs it small).

@@ -22,7 +22,12 @@ partition's committable offset back; a crash or rebalance re-delivers it.
 
 **State keys** in `reporting_state`, partitioned like the input topics:
 - `c:corp_id:external_userid` -> CustomerState
-- `k:partition`               -> PartitionClock (stream time, hold-index range, held count)
+- `e:N:corp_id:external_userid:event_id` -> ts of an applied event, remembered for dedupe
+  (N is the customer key's length in bytes, so ids with ':' cannot collide)
+- `x:partition:number`        -> (ts, customer, event_id): the partition's remembered-id
+  queue, which forgets ids past the dedupe horizon (streams/core/semantics.py)
+- `k:partition`               -> PartitionClock (stream time, hold-index range, held count,
+  remembered-id queue span)
 - `h:partition:bucket`        -> [(deadline, customer, type)] due in that minute
 - `o:topic:partition`         -> offset of the last input record applied
 
@@ -51,7 +56,7 @@ from streams.observability.hot_keys import HotKeys
 from streams.state.failpoints import failpoint
 from streams.core.merge import CoPartitionMerge
 from streams.core.semantics import (
-    CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, StepResult)
+    CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, SeenEntry, StepResult)
 from streams.state.store import ChangeloggedStore
 
 log = logging.getLogger(__name__)
@@ -105,6 +110,12 @@ PROBE_TIMEOUT_MS = 2_000
 PROBE_RETRY_S = 0.2
 
 
+def _seen_key(customer: str, event_id: str) -> bytes:
+    """State key of a remembered event id: `e:<length of the customer key>:<customer>:<id>`."""
+    encoded = customer.encode()
+    return b"e:%d:%s:%s" % (len(encoded), encoded, event_id.encode())
+
+
 def _applied_key(tp: TP) -> bytes:
     """State key of the offset of the last record of `tp` applied (`o:topic:partition`)."""
     return b"o:%s:%d" % (tp.topic.encode(), tp.partition)
@@ -138,6 +149,21 @@ class ReportingState:
 
     def put_customer(self, key: str, state: CustomerState) -> None:
         self.store.stage(self.partition, b"c:" + key.encode(), state.encode())
+
+    def seen_ts(self, key: str, event_id: str) -> Optional[int]:
+        stored = self.store.get(self.partition, _seen_key(key, event_id))
+        return int(stored) if stored is not None else None
+
+    def put_seen_ts(self, key: str, event_id: str, ts: Optional[int]) -> None:
+        self.store.stage(self.partition, _seen_key(key, event_id), None if ts is None else b"%d" % ts)
+
+    def seen_entry(self, partition: int, number: int) -> Optional[SeenEntry]:
+        stored = self.store.get(partition, b"x:%d:%d" % (partition, number))
+        return tuple(orjson.loads(stored)) if stored is not None else None
+
+    def put_seen_entry(self, partition: int, number: int, entry: Optional[SeenEntry]) -> None:
+        self.store.stage(partition, b"x:%d:%d" % (partition, number),
+                         None if entry is None else orjson.dumps(entry))
 
     def clock(self, partition: int) -> PartitionClock:
         clock = self.clocks.get(partition)

@@ -23,6 +23,18 @@ def kafka_partition(key: str, partitions: int) -> int:
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
+def same_partition_customers(corp: str, n: int, partitions: int, first: str = "wm-a") -> list[str]:
+    """`first` and n - 1 more external user ids whose keys land on `first`'s partition."""
+    target = kafka_partition(f"{corp}:{first}", partitions)
+    found = [first]
+    i = 0
+    while len(found) < n:
+        if kafka_partition(f"{corp}:wm-{i}", partitions) == target:
+            found.append(f"wm-{i}")
+        i += 1
+    return found
+
+
 def generate_log(seed: int, customers: int = 60, events: int = 1500, corp: str = "wwP") -> dict:
     rng = random.Random(seed)
     rules = []

@@ -15,6 +15,34 @@ How time works (SPEC §4): each partition number has a stream time, the greatest
 events seen on it. An event first advances stream time, which releases every hold due at or
 before it (in deadline, customer, type order), then is applied. Holds are indexed by
 deadline in buckets per partition, so releasing never scans all customers.
+
+How event ids are remembered (rule 1), at a cost per event that does not grow with the
+customer's history (issue 18: one customer tagged 100,000 times in a week must not slow its
+partition). A customer's first `INLINE_IDS` unexpired ids live inside its record (`seen`),
+which is where a typical customer's dozen ids stay: one record, one read, one write. Past
+that, an applied event's id is kept under its own key, (customer, event_id) -> ts, so the
+customer record stays bounded however many events came before, and so does the work of
+reading and writing it. Each id under its own key also gets an entry in its partition's
+*remembered-id queue*, numbered in the order applied (`seen_head` .. `seen_next` in the
+`PartitionClock`), so forgetting is a walk from the head, never a scan.
+
+- An event is a duplicate iff its id is remembered for its customer, inline or under its own
+  key, with `ts >= stream_time - dedupe_horizon`. The comparison, not the deletion, decides,
+  so the rule is exact whatever the deletion lags: no cap forgets an id early (a full inline
+  set sends the next id to its own key; it never drops one).
+- Inline ids past the horizon are dropped whenever the customer remembers a new id, so the
+  inline set never holds more than `INLINE_IDS` (a record written before issue 18, with
+  every id inline, moves the excess to own keys on the customer's next new id).
+- Forgetting own keys is lazy and bounded: each event forgets at most `FORGET_PER_EVENT`
+  head entries whose `ts` is below the horizon. An event adds at most one entry, so the
+  queue keeps up, and a jump of stream time (a quiet week) is paid off a few entries per
+  event, not in one step.
+- An entry forgets its id only if the id still holds the entry's `ts`: an id re-applied after
+  its horizon has a newer remembrance of its own.
+- Entries are forgotten in arrival order, so an id can outlive its horizon while an entry ahead
+  of it has not expired. Every entry ahead arrived earlier, with a `ts` at most the stream time
+  then, so an id is kept at most `dedupe_horizon` past the stream time it arrived at (plus the
+  lazy backlog): the state stays bounded by the ids of one horizon.
 """
 from __future__ import annotations
 
@@ -46,6 +74,11 @@ CONTACT_APPLIED = "contact_applied"
 DUPLICATE = "duplicate"
 EVENT_OUTCOMES = (REPORTED, UNREPORTABLE, UNMAPPED, ALREADY_REPORTED, HELD, HOLD_JOINED,
                   CANCELLED, TAG_REMOVED, CONTACT_APPLIED, DUPLICATE)
+
+#: How many expired ids one event may forget (module docstring: forgetting is lazy).
+FORGET_PER_EVENT = 4
+#: How many unexpired ids a customer record keeps inline before new ids go to their own keys.
+INLINE_IDS = 16
 
 #: Width of one deadline bucket of the hold index. Small enough that a bucket holds few
 #: entries, large enough that a 30-minute hold spans only 30 of them.
@@ -99,10 +132,10 @@ class CustomerState:
     identity: dict[str, str] = field(default_factory=dict)
     #: standard types already reported for this customer (rule 3)
     reported: list[str] = field(default_factory=list)
-    #: event_id -> ts of applied events, kept for dedupe_horizon of stream time (rule 1)
-    seen: dict[str, int] = field(default_factory=dict)
     #: standard type -> running delayed hold
     holds: dict[str, Hold] = field(default_factory=dict)
+    #: event_id -> ts of up to INLINE_IDS remembered ids (rule 1; the rest have own keys)
+    seen: dict[str, int] = field(default_factory=dict)
 
     def add_time_for(self, userid: str) -> Optional[int]:
         """The tagging staff member's add time, else the customer's earliest (rule 5)."""
@@ -118,7 +151,7 @@ class CustomerState:
 
     def encode(self) -> bytes:
         return orjson.dumps({"a": self.add_times, "i": self.identity, "r": self.reported,
-                             "s": self.seen, "h": [h.encode() for h in self.holds.values()]})
+                             "h": [h.encode() for h in self.holds.values()], "s": self.seen})
 
     @classmethod
     def decode(cls, payload: Optional[bytes]) -> "CustomerState":
@@ -127,20 +160,25 @@ class CustomerState:
         stored = orjson.loads(payload)
         holds = {h[0]: Hold.decode(h) for h in stored.get("h", ())}
         return cls(add_times=stored["a"], identity=stored["i"], reported=stored["r"],
-                   seen=stored.get("s", {}), holds=holds)
+                   holds=holds, seen=stored.get("s") or {})
 
 
 @dataclass
 class PartitionClock:
-    """Stream time of one partition number, the range of its hold index in use, and how
-    many holds are running (for the `tagstream_held_reports` gauge)."""
+    """Stream time of one partition number, the range of its hold index in use, how many
+    holds are running (for the `tagstream_held_reports` gauge), and the span of its
+    remembered-id queue."""
     stream_time: int = -1
     low_bucket: Optional[int] = None    # no due entry lives below this bucket
     high_bucket: Optional[int] = None   # no entry at all lives above this bucket
     held: int = 0
+    seen_head: int = 0                  # number of the oldest remembered-id entry
+    seen_next: int = 0                  # number the next entry gets (head == next: empty)
+    seen_head_ts: Optional[int] = None  # ts of the head entry (None when empty)
 
     def encode(self) -> bytes:
-        return orjson.dumps([self.stream_time, self.low_bucket, self.high_bucket, self.held])
+        return orjson.dumps([self.stream_time, self.low_bucket, self.high_bucket, self.held,
+                             self.seen_head, self.seen_next, self.seen_head_ts])
 
     @classmethod
     def decode(cls, payload: Optional[bytes]) -> "PartitionClock":
@@ -149,6 +187,8 @@ class PartitionClock:
 
 #: One hold-index entry: (deadline, customer key, standard type).
 HoldEntry = tuple[int, str, str]
+#: One remembered-id queue entry: (ts, customer key, event_id).
+SeenEntry = tuple[int, str, str]
 
 
 class StateStore(Protocol):
@@ -159,6 +199,10 @@ class StateStore(Protocol):
     def put_clock(self, partition: int, clock: PartitionClock) -> None: ...
     def bucket(self, partition: int, bucket: int) -> list[HoldEntry]: ...
     def put_bucket(self, partition: int, bucket: int, entries: list[HoldEntry]) -> None: ...
+    def seen_ts(self, key: str, event_id: str) -> Optional[int]: ...
+    def put_seen_ts(self, key: str, event_id: str, ts: Optional[int]) -> None: ...     # None forgets
+    def seen_entry(self, partition: int, number: int) -> Optional[SeenEntry]: ...
+    def put_seen_entry(self, partition: int, number: int, entry: Optional[SeenEntry]) -> None: ...
 
 
 class MemoryStore:
@@ -168,6 +212,8 @@ class MemoryStore:
         self.customers: dict[str, CustomerState] = {}
         self.clocks: dict[int, PartitionClock] = {}
         self.buckets: dict[tuple[int, int], list[HoldEntry]] = {}
+        self.seen: dict[tuple[str, str], int] = {}
+        self.seen_entries: dict[tuple[int, int], SeenEntry] = {}
 
     def customer(self, key: str) -> CustomerState:
         return self.customers.get(key) or CustomerState()
@@ -189,6 +235,24 @@ class MemoryStore:
             self.buckets[(partition, bucket)] = entries
         else:
             self.buckets.pop((partition, bucket), None)
+
+    def seen_ts(self, key: str, event_id: str) -> Optional[int]:
+        return self.seen.get((key, event_id))
+
+    def put_seen_ts(self, key: str, event_id: str, ts: Optional[int]) -> None:
+        if ts is None:
+            self.seen.pop((key, event_id), None)
+        else:
+            self.seen[(key, event_id)] = ts
+
+    def seen_entry(self, partition: int, number: int) -> Optional[SeenEntry]:
+        return self.seen_entries.get((partition, number))
+
+    def put_seen_entry(self, partition: int, number: int, entry: Optional[SeenEntry]) -> None:
+        if entry is None:
+            self.seen_entries.pop((partition, number), None)
+        else:
+            self.seen_entries[(partition, number)] = entry
 
 
 # -- results ----------------------------------------------------------------------------
@@ -226,14 +290,12 @@ class ReportingEngine:
         key = customer_key(event.corp_id, event.external_userid)
         state = self.store.customer(key)
         horizon = clock.stream_time - self.policy.dedupe_horizon
-        seen = state.seen
-        if seen and min(seen.values()) < horizon:
-            state.seen = {eid: ts for eid, ts in state.seen.items() if ts >= horizon}
-        if event.event_id in state.seen:
+        self._forget_expired(partition, clock, horizon)
+        if self._is_duplicate(key, state, event.event_id, horizon):
             result.outcome = DUPLICATE
             self._count_holds(partition, clock, result)    # the release above may have changed it
             return result
-        state.seen[event.event_id] = event.ts
+        self._remember(partition, clock, key, state, event.event_id, event.ts, horizon)
         if isinstance(event, ContactEvent):
             self._apply_contact(state, event, result)
         elif event.op == "add":
@@ -265,6 +327,54 @@ class ReportingEngine:
         clock.held += result.holds_delta
         self.store.put_clock(partition, clock)
         return result
+
+    # remembered ids (rule 1; the module docstring has the argument) -------------------
+    def _is_duplicate(self, key: str, state: CustomerState, event_id: str, horizon: int) -> bool:
+        inline = state.seen.get(event_id)
+        if inline is not None and inline >= horizon:
+            return True
+        stored = self.store.seen_ts(key, event_id)
+        return stored is not None and stored >= horizon
+
+    def _remember(self, partition: int, clock: PartitionClock, key: str, state: CustomerState,
+                  event_id: str, ts: int, horizon: int) -> None:
+        """Remember an applied id: inline while the record has room, else under its own key.
+        The caller writes the customer record."""
+        state.seen = {seen_id: seen_ts for seen_id, seen_ts in state.seen.items() if seen_ts >= horizon}
+        if len(state.seen) > INLINE_IDS:        # a record from before issue 18: move the excess
+            ordered = sorted(state.seen.items(), key=lambda item: item[1])
+            for old_id, old_ts in ordered[:len(ordered) - INLINE_IDS]:
+                self._remember_under_own_key(partition, clock, key, old_id, old_ts)
+            state.seen = dict(ordered[len(ordered) - INLINE_IDS:])
+        if len(state.seen) < INLINE_IDS:
+            state.seen[event_id] = ts
+        else:
+            self._remember_under_own_key(partition, clock, key, event_id, ts)
+
+    def _remember_under_own_key(self, partition: int, clock: PartitionClock, key: str,
+                                event_id: str, ts: int) -> None:
+        self.store.put_seen_ts(key, event_id, ts)
+        self.store.put_seen_entry(partition, clock.seen_next, (ts, key, event_id))
+        if clock.seen_head == clock.seen_next:
+            clock.seen_head_ts = ts
+        clock.seen_next += 1
+        self.store.put_clock(partition, clock)
+
+    def _forget_expired(self, partition: int, clock: PartitionClock, horizon: int) -> None:
+        """Forget up to FORGET_PER_EVENT entries from the head of the queue whose ts is
+        below the horizon."""
+        forgotten = 0
+        while clock.seen_head_ts is not None and clock.seen_head_ts < horizon and forgotten < FORGET_PER_EVENT:
+            ts, key, event_id = self.store.seen_entry(partition, clock.seen_head)
+            if self.store.seen_ts(key, event_id) == ts:     # not re-applied since
+                self.store.put_seen_ts(key, event_id, None)
+            self.store.put_seen_entry(partition, clock.seen_head, None)
+            clock.seen_head += 1
+            head = self.store.seen_entry(partition, clock.seen_head) if clock.seen_head < clock.seen_next else None
+            clock.seen_head_ts = head[0] if head is not None else None
+            forgotten += 1
+        if forgotten:
+            self.store.put_clock(partition, clock)
 
     def _count_holds(self, partition: int, clock: PartitionClock, result: StepResult) -> None:
         if result.holds_delta:

@@ -18,7 +18,7 @@ import sys
 import orjson
 
 from tests.integration.conftest import REPO, Pipeline
-from tests.logs import kafka_partition
+from tests.logs import same_partition_customers
 
 T0 = 1763884800000          # 2025-11-23T08:00:00Z
 MIN, DAY, YEAR = 60_000, 86_400_000, 365 * 86_400_000
@@ -47,14 +47,8 @@ def tag(ext, tag_id, ts, op="add", record_ts=None):
         "tag_id": tag_id, "op": op, "ts": ts}, ts if record_ts is None else record_ts)
 
 
-def same_partition_customers(n: int) -> list[str]:
-    target = kafka_partition(f"{CORP}:wm-a", PARTITIONS)
-    names = [f"wm-{i}" for i in range(1000) if kafka_partition(f"{CORP}:wm-{i}", PARTITIONS) == target]
-    return ["wm-a", *names[:n - 1]]
-
-
 def test_a_far_future_ts_is_dead_lettered_and_releases_nothing(kafka_broker, tmp_path):
-    a, b, c, d = same_partition_customers(4)
+    a, b, c, d = same_partition_customers(CORP, 4, PARTITIONS)
     pipeline = Pipeline(tmp_path, partitions=PARTITIONS)
     pipeline.create_topics()
     rules = [rule("t-invalid", "INVALID"), rule("t-region", None)]
