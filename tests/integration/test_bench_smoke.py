@@ -39,3 +39,13 @@ def test_recovery_benchmark_restores_every_seeded_customer(kafka_broker):
     assert int(rows["keys restored (RocksDB estimate)"].replace(",", "")) >= 4_500
     assert any(name.startswith("then 3,000 events") for name in rows), run.stdout
     assert "worker peak RSS after them" in rows, run.stdout
+
+
+def test_hot_customer_benchmark_prints_a_row_per_checkpoint(kafka_broker):
+    run = subprocess.run([sys.executable, "-m", "bench.hot_customer", "--events", "3000"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split(" | ")[0].strip("| ") for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["1,000", "3,000"], run.stdout
+    largest = int(run.stdout.rsplit("largest state value written: ", 1)[1].split()[0].replace(",", ""))
+    assert 0 < largest < 1_000, run.stdout
