@@ -18,7 +18,13 @@ What runs: the local Kafka broker, two `tagstream worker`s (a third joins and le
      workers at the head of their topics see contact and tag events arriving milliseconds
      apart, through every fault (issue 16: the merge's live race).
    Either way the workers' event-time merge must reproduce the log order, which is what
-   the reference model applies. The model has no wall clock, so the workers run with the
+   the reference model applies.
+   - A hot customer (issue 18: a CRM sync tagging one customer in a loop) sends `hot_events`
+     unmapped tag adds with distinct ids, a few of them re-sent, spread over the live part.
+     They are in the log the model applies, so their dedupe is checked like any other
+     event's, and the verdict reports the real-time latency (from the live write of the
+     tagging event to the API's acceptance) on the hot customer's partition beside the
+     others'. The model has no wall clock, so the workers run with the
    wall-clock hold flush (`idle_grace`) out of reach until the log is drained; then both are
    restarted with the default, which releases the holds still open, as the model's final
    flush does.
@@ -92,6 +98,7 @@ class Plan:
     sink_kills: int = 2
     api_bursts: int = 3
     broker_restarts: int = 1
+    hot_events: int = 50_000                      # one customer's tag adds, in the live part
     seed: int = 1
     partitions: int = 4
     gap_s: tuple[float, float] = (2.0, 6.0)       # random pause before each fault
@@ -147,6 +154,41 @@ class Result:
     details: list[str] = field(default_factory=list)    # what the first differences look like
     poison_shapes: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    hot_events: int = 0
+    hot_partition: Optional[int] = None
+    #: partition -> real-time latencies (s) of reports whose tagging event was written live
+    latency: dict[int, list[float]] = field(default_factory=dict)
+
+    def latency_quantiles(self) -> dict[int, tuple[float, float]]:
+        """partition -> (p50, p99) of its real-time latencies."""
+        out = {}
+        for partition, values in self.latency.items():
+            values = sorted(values)
+            out[partition] = values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
+        return out
+
+    def hot_partition_slowed(self) -> Optional[str]:
+        """The hot customer's partition is slower than the run's usual bounds: its p50 or p99
+        over 1.5× the slowest other partition's, plus 2 s (faults hit partitions unevenly)."""
+        quantiles = self.latency_quantiles()
+        hot = quantiles.get(self.hot_partition)
+        others = [q for p, q in quantiles.items() if p != self.hot_partition]
+        if hot is None or not others:
+            return None if not self.hot_events else "no real-time reports to measure the hot partition by"
+        for i, name in ((0, "p50"), (1, "p99")):
+            bound = 1.5 * max(q[i] for q in others) + 2
+            if hot[i] > bound:
+                return f"the hot customer's partition has real-time {name} {hot[i]:.1f} s, over {bound:.1f} s"
+        return None
+
+    def latency_lines(self) -> list[str]:
+        out = []
+        for partition, (p50, p99) in sorted(self.latency_quantiles().items()):
+            values = self.latency[partition]
+            hot = "  <- the hot customer's partition" if partition == self.hot_partition else ""
+            out.append(f"  partition {partition}: {len(values):,} real-time reports, p50 {p50:.1f} s, "
+                       f"p99 {p99:.1f} s{hot}")
+        return out
 
     def problems(self) -> list[str]:
         checks = [
@@ -168,6 +210,9 @@ class Result:
             out.append(f"{self.forced_merge_releases} merge releases forced out of ts order")
         if self.unexpected_dead_letters:
             out.append(f"{self.unexpected_dead_letters} dead letters for valid records")
+        slowed = self.hot_partition_slowed()
+        if slowed:
+            out.append(slowed)
         out += [f"{f.kind} at {f.at_s:.0f}s ({f.detail}) did not recover" for f in self.faults if f.recovery_s is None]
         return out
 
@@ -189,6 +234,9 @@ class Result:
             f"dead letters: {self.dead_letters:,} records for {self.poison:,} poison ({len(self.poison_missing)} "
             f"missing, {len(self.poison_wrong_reason)} wrong reason, {self.unexpected_dead_letters} unexpected)",
             f"poison shapes: {', '.join(f'{k} {n}' for k, n in sorted(self.poison_shapes.items()))}",
+            f"hot customer: {self.hot_events:,} events on partition {self.hot_partition}; real-time latency "
+            f"from live write to acceptance (throttled workers, faults included):",
+            *self.latency_lines(),
             "recovery times:",
             *(f"  {f.at_s:6.0f}s  {f.kind:15} {f.detail:38} "
               f"{'NOT RECOVERED' if f.recovery_s is None else f'{f.recovery_s:5.1f} s'}"
@@ -247,6 +295,7 @@ class ChaosRun:
         self.slots: list[WorkerProcess] = []
         self.armed: dict[int, str] = {}        # slot -> failpoint it was started with
         self.result = Result()
+        self.written_at: dict[str, float] = {}   # event_id -> wall-clock seconds of its live write
         self.started = 0.0
         self.server: Optional[MarketingApiServer] = None
         self.sink: Optional[SinkProcess] = None
@@ -262,6 +311,8 @@ class ChaosRun:
         log = generate_log(plan.seed, customers=max(40, plan.events // 25), events=plan.events)
         shift = int(time.time() * 1000) - DAY - log["events"][-1]["ts"]   # the log ends a day ago
         events = [{**e, "ts": e["ts"] + shift} for e in log["events"]]
+        live_from = int(len(events) * (1 - plan.live_share))
+        events = self.with_hot_customer(events, live_from)
         rules = [(k, {**v, "effective_from": v["effective_from"] + shift}) for k, v in log["rules"]]
         reports, unreportable = reference_reports(
             rules, events, partition_of=lambda key: kafka_partition(key, plan.partitions))
@@ -276,19 +327,22 @@ class ChaosRun:
         in_front: dict[int, list[Poison]] = {}
         for position, p in poison:
             in_front.setdefault(position, []).append(p)
-        records, poison_at = [], []
+        records, poison_at, split, event_ids = [], [], 0, []
         for position, event in enumerate(events):
+            if position == live_from:
+                split = len(records)
             for p in in_front.get(position, ()):
                 poison_at.append((len(records), p))
                 records.append((self.pipeline.topic(p.topic), p.key, p.value, event["ts"]))
+                event_ids.append(None)
             topic = "contact_events" if "change_type" in event else "tag_events"
             records.append((self.pipeline.topic(topic), f"{event['corp_id']}:{event['external_userid']}".encode(),
                             orjson.dumps(event), event["ts"]))
+            event_ids.append(event["event_id"])
         self.pipeline.create_topics()
         self.pipeline.send(*[("tag_mappings", key, value) for key, value in rules])
         self.rules = len(rules)
-        split = int(len(records) * (1 - plan.live_share))
-        self.live = records[split:]
+        self.live, self.live_event_ids = records[split:], event_ids[split:]
         self.result.live_records = len(self.live)
         self.say(f"producing {split:,} of {len(records):,} records ({len(events):,} events and {len(poison):,} "
                  f"poison) as a backlog; the rest arrives live")
@@ -296,6 +350,30 @@ class ChaosRun:
         self.poison_at = poison_at
         self.input_bytes = sum(len(k or b"") + len(v or b"") for _, k, v, _ in records)
         return set(expected), expected, {r["outer_action_id"] for r in unreportable}
+
+    def with_hot_customer(self, events: list[dict], live_from: int) -> list[dict]:
+        """`events` with the hot customer's unmapped tag adds spread over the live part (each
+        at the ts of the event before it, so the log stays in ts order); every 1,000th re-sends
+        an earlier id, as a sync that restarts does."""
+        plan = self.plan
+        if plan.hot_events <= 0:
+            return events
+        corp = events[0]["corp_id"]
+        customer = f"wm-hot-crm-{plan.seed}"
+        self.result.hot_partition = kafka_partition(f"{corp}:{customer}", plan.partitions)
+        self.result.hot_events = plan.hot_events
+        live = len(events) - live_from
+        out = events[:live_from]
+        sent = 0
+        for i, event in enumerate(events[live_from:]):
+            out.append(event)
+            due = (i + 1) * plan.hot_events // live
+            while sent < due:
+                number = sent - 500 if sent % 1_000 == 999 else sent
+                out.append({"event_id": f"crm-{plan.seed}-{number}", "corp_id": corp, "external_userid": customer,
+                            "userid": "s-crm", "tag_id": "u-new", "op": "add", "ts": event["ts"]})
+                sent += 1
+        return out
 
     def poison_by_offset(self) -> dict[tuple, Poison]:
         """Where each poison record landed (once the live part is written)."""
@@ -317,6 +395,8 @@ class ChaosRun:
                         if ahead > 0:
                             await asyncio.sleep(ahead)
                     deliveries.append(await writer.write(topic, key, value, ts))
+                    if self.live_event_ids[i] is not None:
+                        self.written_at.setdefault(self.live_event_ids[i], time.time())
                 await writer.flush()
                 self.metadata += [d.result() for d in deliveries]
 
@@ -563,6 +643,11 @@ class ChaosRun:
         r.forced_in_outages = int(self.outage_forced)
         r.forced_merge_releases = int(sum(self.forced.values()) - self.outage_forced)
         r.duplicate_deliveries = sum(self.server.duplicates.values())
+        for oid, report in self.model.items():
+            written = self.written_at.get(report["source_event_id"])
+            if report["mode"] == "realtime" and written is not None and oid in accepted:
+                partition = kafka_partition(f"{report['corp_id']}:{report['external_userid']}", self.plan.partitions)
+                r.latency.setdefault(partition, []).append(accepted[oid].at - written)
         sink_log = (self.work / "sink.log").read_text(errors="replace")
         r.in_doubt_resent = sum(int(line.split(" in doubt")[0].rsplit(" ", 1)[1])
                                 for line in sink_log.splitlines() if " in doubt" in line)
@@ -594,11 +679,13 @@ def main(argv=None) -> int:
     parser.add_argument("--api-bursts", type=int, default=Plan.api_bursts, help="API failure bursts (default 3)")
     parser.add_argument("--join-leave", type=int, default=Plan.join_leave, help="a third worker joins and leaves (default 1)")
     parser.add_argument("--broker-restarts", type=int, default=Plan.broker_restarts, help="broker stops and starts (default 1)")
+    parser.add_argument("--hot-events", type=int, default=Plan.hot_events,
+                        help="one hot customer's tag adds in the live part (default 50000; 0: none)")
     parser.add_argument("--seed", type=int, default=Plan.seed, help="seeds the log, poison and fault order (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) and the topics")
     args = parser.parse_args(argv)
     plan = Plan(events=args.events, worker_kills=args.worker_kills, sink_kills=args.sink_kills,
-                api_bursts=args.api_bursts, seed=args.seed,
+                api_bursts=args.api_bursts, seed=args.seed, hot_events=args.hot_events,
                 join_leave=args.join_leave, broker_restarts=args.broker_restarts,
                 failpoint_restarts=min(3, args.worker_kills), wiped_restarts=min(2, max(0, args.worker_kills - 3)))
     work = Path(tempfile.mkdtemp(prefix="tagstream-chaos-"))
