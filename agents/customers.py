@@ -28,7 +28,9 @@ partition's committable offset back; a crash or rebalance re-delivers it.
   queue, which forgets ids past the dedupe horizon (streams/core/semantics.py)
 - `k:partition`               -> PartitionClock (stream time, hold-index range, held count,
   remembered-id queue span)
-- `h:partition:bucket`        -> [(deadline, customer, type)] due in that minute
+- `h:partition:bucket`        -> table of contents of the hold-index entries due in that
+  minute, stored in sorted chunks `h:partition:bucket:id` -> [(deadline, customer, type)]
+  of at most 512 entries (streams/state/hold_buckets.py)
 - `o:topic:partition`         -> offset of the last input record applied
 
 The `o:` marker makes application exactly-once per input record: it is committed with the
@@ -57,6 +59,7 @@ from streams.state.failpoints import failpoint
 from streams.core.merge import CoPartitionMerge
 from streams.core.semantics import (
     CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, SeenEntry, StepResult)
+from streams.state.hold_buckets import ChunkedBucket
 from streams.state.store import ChangeloggedStore
 
 log = logging.getLogger(__name__)
@@ -140,7 +143,7 @@ class ReportingState:
         self.partition = 0
         self.clocks: dict[int, PartitionClock] = {}
         self.marks: dict[TP, int] = {}      # applied offsets not staged yet
-        self.buckets: dict[tuple[int, int], list[HoldEntry]] = {}
+        self.buckets: dict[tuple[int, int], ChunkedBucket] = {}
         self.dirty_clocks: set[int] = set()
         self.dirty_buckets: set[tuple[int, int]] = set()
 
@@ -175,17 +178,33 @@ class ReportingState:
         self.clocks[partition] = clock
         self.dirty_clocks.add(partition)
 
-    def bucket(self, partition: int, bucket: int) -> list[HoldEntry]:
-        entries = self.buckets.get((partition, bucket))
-        if entries is None:
-            stored = self.store.get(partition, b"h:%d:%d" % (partition, bucket))
-            entries = self.buckets[(partition, bucket)] = [tuple(e) for e in orjson.loads(stored)] if stored else []
-        return entries
+    def _bucket(self, partition: int, bucket: int) -> ChunkedBucket:
+        chunked = self.buckets.get((partition, bucket))
+        if chunked is None:
+            chunked = self.buckets[(partition, bucket)] = ChunkedBucket(
+                b"h:%d:%d" % (partition, bucket), lambda key: self.store.get(partition, key))
+        return chunked
 
-    def put_bucket(self, partition: int, bucket: int, entries: list[HoldEntry]) -> None:
-        self.buckets[(partition, bucket)] = entries
+    def index_hold(self, partition: int, bucket: int, entry: HoldEntry) -> None:
+        chunked = self._bucket(partition, bucket)
+        before = chunked.pending_bytes()
+        chunked.add(entry)
+        self._changed_bucket(partition, bucket, chunked.pending_bytes() - before)
+
+    def take_due(self, partition: int, bucket: int, up_to: int) -> list[HoldEntry]:
+        chunked = self._bucket(partition, bucket)
+        before = chunked.pending_bytes()
+        due = chunked.take_due(up_to)
+        if due:
+            self._changed_bucket(partition, bucket, chunked.pending_bytes() - before)
+        return due
+
+    def has_holds(self, partition: int, bucket: int) -> bool:
+        return bool(self._bucket(partition, bucket))
+
+    def _changed_bucket(self, partition: int, bucket: int, grown: int) -> None:
         self.dirty_buckets.add((partition, bucket))
-        self.store.staged_bytes += 48 * len(entries)     # its share of the batch, an upper bound
+        self.store.staged_bytes += max(0, grown)     # the batch's share: its dirty chunks, bounded
 
     def stage_cached(self) -> None:
         """Stage the changed clocks and buckets and the applied-offset markers; forget the
@@ -198,8 +217,8 @@ class ReportingState:
         for partition in self.dirty_clocks:
             stage(partition, b"k:%d" % partition, self.clocks[partition].encode())
         for partition, bucket in self.dirty_buckets:
-            entries = self.buckets[(partition, bucket)]
-            stage(partition, b"h:%d:%d" % (partition, bucket), orjson.dumps(entries) if entries else None)
+            for key, value in self.buckets[(partition, bucket)].writes():
+                stage(partition, key, value)
         self.dirty_clocks.clear()
         self.dirty_buckets.clear()
         self.buckets.clear()

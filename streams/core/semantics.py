@@ -46,6 +46,7 @@ reading and writing it. Each id under its own key also gets an entry in its part
 """
 from __future__ import annotations
 
+from bisect import bisect_right, insort
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Protocol, Union
 
@@ -197,8 +198,9 @@ class StateStore(Protocol):
     def put_customer(self, key: str, state: CustomerState) -> None: ...
     def clock(self, partition: int) -> PartitionClock: ...
     def put_clock(self, partition: int, clock: PartitionClock) -> None: ...
-    def bucket(self, partition: int, bucket: int) -> list[HoldEntry]: ...
-    def put_bucket(self, partition: int, bucket: int, entries: list[HoldEntry]) -> None: ...
+    def index_hold(self, partition: int, bucket: int, entry: HoldEntry) -> None: ...
+    def take_due(self, partition: int, bucket: int, up_to: int) -> list[HoldEntry]: ...  # removes them
+    def has_holds(self, partition: int, bucket: int) -> bool: ...
     def seen_ts(self, key: str, event_id: str) -> Optional[int]: ...
     def put_seen_ts(self, key: str, event_id: str, ts: Optional[int]) -> None: ...     # None forgets
     def seen_entry(self, partition: int, number: int) -> Optional[SeenEntry]: ...
@@ -227,14 +229,21 @@ class MemoryStore:
     def put_clock(self, partition: int, clock: PartitionClock) -> None:
         self.clocks[partition] = clock
 
-    def bucket(self, partition: int, bucket: int) -> list[HoldEntry]:
-        return list(self.buckets.get((partition, bucket), ()))
+    def index_hold(self, partition: int, bucket: int, entry: HoldEntry) -> None:
+        insort(self.buckets.setdefault((partition, bucket), []), entry)
 
-    def put_bucket(self, partition: int, bucket: int, entries: list[HoldEntry]) -> None:
-        if entries:
-            self.buckets[(partition, bucket)] = entries
-        else:
-            self.buckets.pop((partition, bucket), None)
+    def take_due(self, partition: int, bucket: int, up_to: int) -> list[HoldEntry]:
+        entries = self.buckets.get((partition, bucket))
+        if not entries:
+            return []
+        n = bisect_right(entries, up_to, key=lambda e: e[0])
+        due, entries[:n] = entries[:n], []
+        if not entries:
+            del self.buckets[(partition, bucket)]
+        return due
+
+    def has_holds(self, partition: int, bucket: int) -> bool:
+        return bool(self.buckets.get((partition, bucket)))
 
     def seen_ts(self, key: str, event_id: str) -> Optional[int]:
         return self.seen.get((key, event_id))
@@ -456,9 +465,7 @@ class ReportingEngine:
         # A late event can index a hold that is already due; lowering low_bucket makes the
         # next release (at the partition's next event) find it.
         bucket = entry[0] // HOLD_BUCKET_MS
-        entries = self.store.bucket(partition, bucket)
-        entries.append(entry)
-        self.store.put_bucket(partition, bucket, entries)
+        self.store.index_hold(partition, bucket, entry)
         clock.low_bucket = bucket if clock.low_bucket is None else min(clock.low_bucket, bucket)
         clock.high_bucket = bucket if clock.high_bucket is None else max(clock.high_bucket, bucket)
         self.store.put_clock(partition, clock)
@@ -471,15 +478,9 @@ class ReportingEngine:
         last = min(up_to // HOLD_BUCKET_MS, clock.high_bucket)
         due: list[HoldEntry] = []
         for bucket in range(clock.low_bucket, last + 1):
-            entries = self.store.bucket(partition, bucket)
-            if not entries:
-                continue
-            keep = [e for e in entries if e[0] > up_to]
-            due += [e for e in entries if e[0] <= up_to]
-            if len(keep) != len(entries):
-                self.store.put_bucket(partition, bucket, keep)
+            due += self.store.take_due(partition, bucket, up_to)
         # Every bucket below `last` is now empty; `last` may still hold later deadlines.
-        if last >= clock.high_bucket and not self.store.bucket(partition, last):
+        if last >= clock.high_bucket and not self.store.has_holds(partition, last):
             clock.low_bucket = clock.high_bucket = None
         else:
             clock.low_bucket = last
