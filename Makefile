@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: cluster cluster-stop setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -23,6 +23,14 @@ $(VENV)/.installed: pyproject.toml
 deploy/kafka/lib/.complete: deploy/kafka/pom.xml
 	deploy/setup-system.sh
 	deploy/kafka/kafka.sh install
+
+## The three-node secured cluster (SASL_SSL, SCRAM, TLS, ACLs) on 127.0.0.1:19092,19192,19292.
+cluster: setup
+	deploy/kafka/cluster.sh start
+	@echo "connect with: set -a; eval \"$$(deploy/kafka/cluster.sh env)\"; set +a"
+
+cluster-stop:
+	deploy/kafka/cluster.sh stop
 
 broker: setup
 	deploy/kafka/kafka.sh start

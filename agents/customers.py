@@ -44,7 +44,7 @@ import gc
 import logging
 import time
 from collections import Counter
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -242,7 +242,7 @@ class ReportingState:
 class CustomerEvents:
     """The agent over tag-events + contact-events, and the timer for waiting work."""
 
-    def __init__(self, app, *, store: ChangeloggedStore, bootstrap_servers: str,
+    def __init__(self, app, *, store: ChangeloggedStore, connection: Mapping[str, Any],
                  replica: RuleReplica, policy: ReportingPolicy,
                  tag_events_topic: str, contact_events_topic: str, merge_wait_ms: int,
                  conversion_reports_topic: str, unreportable_topic: str, dead_letters_topic: str,
@@ -250,7 +250,7 @@ class CustomerEvents:
         self.app = app
         self.replica = replica
         self.store = store
-        self.bootstrap_servers = bootstrap_servers
+        self.connection = connection        # streams.kafka.connection.client_kwargs
         self.producer: Optional[AIOKafkaProducer] = None     # created on the worker's loop
         self.state = ReportingState(store)
         self.engine = ReportingEngine(self.state, replica.book.rule_as_of, policy)
@@ -402,12 +402,12 @@ class CustomerEvents:
         before their first step."""
         if not self.started:
             self.producer = self.store.producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap_servers, acks="all", enable_idempotence=True,
+                **self.connection, acks="all", enable_idempotence=True,
                 client_id=PRODUCER_CLIENT_ID,
                 linger_ms=1, max_batch_size=PRODUCER_BATCH_BYTES, max_request_size=2 * PRODUCER_BATCH_BYTES)
             await self.producer.start()
             self.prober = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                **self.connection, group_id=None, enable_auto_commit=False,
                 request_timeout_ms=PROBE_TIMEOUT_MS, client_id="tagstream-merge-probe")
             await self.prober.start()
             self.started = True

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -65,9 +65,9 @@ def fold_rule_versions(rule_versions, dead_letters_topic):
 class RuleReplica:
     """This worker's full copy of every rule history, read from the table's changelog."""
 
-    def __init__(self, bootstrap_servers: str, changelog_topic: str, partitions: int, *,
+    def __init__(self, connection: Mapping[str, Any], changelog_topic: str, partitions: int, *,
                  rules_topic: str, group_id: str, book: Optional[RuleBook] = None):
-        self.bootstrap_servers = bootstrap_servers
+        self.connection = connection            # streams.kafka.connection.client_kwargs
         self.changelog_topic = changelog_topic
         self.partitions = partitions             # of the changelog, and of the rules topic it folds
         self.rules_topic = rules_topic
@@ -88,7 +88,7 @@ class RuleReplica:
 
     async def _follow(self) -> None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers, group_id=None, enable_auto_commit=False,
+            **self.connection, group_id=None, enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest")
         await consumer.start()
         try:
@@ -122,7 +122,7 @@ class RuleReplica:
                  {tp.partition: offset for tp, offset in unfolded.items()})
         if not unfolded:
             return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        admin = AIOKafkaAdminClient(**self.connection)
         await admin.start()
         try:
             while True:

@@ -83,7 +83,7 @@ async def run(events: int) -> None:
     await producer.start()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-hot-") as data:
-            bench = Bench(ChangeloggedStore(data, topic, kafka_io.BOOTSTRAP, producer))
+            bench = Bench(ChangeloggedStore(data, topic, {"bootstrap_servers": kafka_io.BOOTSTRAP}, producer))
             print("| hot customer's remembered ids | hot µs/event | fresh µs/event | ratio |")
             print("|---:|---:|---:|---:|")
             for checkpoint in sorted({min(1_000, events), min(10_000, events), events}):

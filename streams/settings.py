@@ -52,6 +52,16 @@ class Settings:
     app_id: str = _setting("tagstream", "Faust app id: the consumer group and the prefix of changelog topics")
     topic_prefix: str = _setting("tagstream.", "prefix of every topic name below")
     partitions: int = _setting(4, "partitions of the input topics (tag and contact events must match)")
+    # Kafka connection (SPEC §8): every client takes these, through streams/kafka/connection.py
+    security_protocol: str = _setting("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    sasl_mechanism: str = _setting("SCRAM-SHA-512", "with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str = _setting("", "with SASL_*: the user tagstream authenticates as")
+    sasl_password_file: str = _setting("", "with SASL_*: file holding the password (or set TAGSTREAM_SASL_PASSWORD; never a flag)")
+    ssl_cafile: str = _setting("", "with SSL or SASL_SSL: CA bundle that signed the brokers' certificates (empty: the system's)")
+    ssl_certfile: str = _setting("", "mutual TLS: this client's certificate (PEM), with ssl_keyfile")
+    ssl_keyfile: str = _setting("", "mutual TLS: this client's private key (PEM)")
+    replication_factor: int = _setting(1, "replicas of every topic tagstream creates, changelogs and internal topics included (3 in production)")
+    min_insync_replicas: int = _setting(1, "min.insync.replicas of every topic tagstream creates; with acks=all a write needs this many replicas (2 with replication_factor 3)")
     # topic names, relative to topic_prefix (SPEC §2)
     tag_events_topic: str = _setting("tag-events", "tag events (input)")
     contact_events_topic: str = _setting("contact-events", "contact events (input, co-partitioned)")
@@ -140,6 +150,52 @@ class Settings:
             raise ConfigError("TAGSTREAM_BROKER is empty: set it to e.g. kafka://127.0.0.1:9092")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"TAGSTREAM_LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
+        self._check_connection()
+
+    def _check_connection(self) -> None:
+        protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+        if self.security_protocol not in protocols:
+            raise ConfigError(f"TAGSTREAM_SECURITY_PROTOCOL={self.security_protocol!r}: use {', '.join(protocols)}")
+        if self.security_protocol.startswith("SASL_"):
+            mechanisms = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+            if self.sasl_mechanism not in mechanisms:
+                raise ConfigError(f"TAGSTREAM_SASL_MECHANISM={self.sasl_mechanism!r}: use {', '.join(mechanisms)}")
+            if not self.sasl_username:
+                raise ConfigError(f"{self.security_protocol} needs a user: set TAGSTREAM_SASL_USERNAME "
+                                  f"(or --sasl-username)")
+            self.sasl_password()
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"TAGSTREAM_{name.upper()}={path!r}: no such file; point it at a readable file")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ConfigError("mutual TLS needs both TAGSTREAM_SSL_CERTFILE and TAGSTREAM_SSL_KEYFILE (or neither)")
+        if self.replication_factor < 1:
+            raise ConfigError(f"TAGSTREAM_REPLICATION_FACTOR={self.replication_factor}: must be at least 1, e.g. 3")
+        if not 1 <= self.min_insync_replicas <= self.replication_factor:
+            raise ConfigError(f"TAGSTREAM_MIN_INSYNC_REPLICAS={self.min_insync_replicas}: must be between 1 and "
+                              f"TAGSTREAM_REPLICATION_FACTOR={self.replication_factor}, e.g. 2 with 3 replicas")
+
+    def sasl_password(self) -> str:
+        """The SASL password: from `sasl_password_file`, else TAGSTREAM_SASL_PASSWORD. It is
+        read here and handed to the clients only; it is not a field, so it is never in
+        `to_environ`, `tagstream settings` or a log line."""
+        if self.sasl_password_file:
+            try:
+                with open(self.sasl_password_file, encoding="utf-8") as f:
+                    password = f.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"TAGSTREAM_SASL_PASSWORD_FILE={self.sasl_password_file!r}: cannot read it "
+                                  f"({exc.strerror}); point it at a readable file") from None
+            if not password:
+                raise ConfigError(f"TAGSTREAM_SASL_PASSWORD_FILE={self.sasl_password_file!r} is empty; "
+                                  f"write the password into it")
+            return password
+        password = os.environ.get("TAGSTREAM_SASL_PASSWORD", "")
+        if not password:
+            raise ConfigError(f"{self.security_protocol} needs a password: set TAGSTREAM_SASL_PASSWORD_FILE "
+                              f"to a file holding it (or TAGSTREAM_SASL_PASSWORD)")
+        return password
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -35,6 +35,7 @@ from agents.customers import CustomerEvents
 from agents.health import WorkerHealth, faust_table_keys
 from agents.rules import RuleReplica, fold_rule_versions
 from streams.kafka import faust_consumer
+from streams.kafka.connection import client_kwargs, faust_kwargs
 from streams.observability.lag import monitored_groups, run_in_thread as run_lag_monitor
 from streams.core.semantics import ReportingPolicy
 from streams.settings import Settings
@@ -81,11 +82,9 @@ def build_topology(settings: Settings) -> Topology:
     Path(s.data_dir).mkdir(parents=True, exist_ok=True)
     app = faust.App(
         s.app_id,
-        broker=s.broker,
         store="rocksdb://",
         datadir=s.data_dir,
         topic_partitions=s.partitions,
-        topic_replication_factor=1,
         topic_allow_declare=True,     # Faust declares its own changelog topics
         table_standby_replicas=0,     # one node; standbys would only double the work
         key_serializer="raw",
@@ -100,7 +99,9 @@ def build_topology(settings: Settings) -> Topology:
         broker_session_timeout=s.session_timeout / 1000,
         broker_heartbeat_interval=max(s.session_timeout / 3000, 0.5),
         web_enabled=False,            # metrics are served by prometheus_client instead
+        **faust_kwargs(s),            # credentials, TLS, topic_replication_factor (SPEC §8)
     )
+    connection = client_kwargs(s)
     # -- sources -------------------------------------------------------------------------
     names = {key: s.topic(key + "_topic") for key in (
         "tag_mappings", "tag_events", "contact_events",
@@ -114,16 +115,16 @@ def build_topology(settings: Settings) -> Topology:
     # in a store written and restored in batches (streams/state/store.py)
     reporting_state = ChangeloggedStore(
         str(Path(s.data_dir) / REPORTING_STATE), f"{s.app_id}-{REPORTING_STATE}-changelog",
-        s.bootstrap_servers, producer=None)         # the agent's, created on the worker's loop
+        connection, producer=None)         # the agent's, created on the worker's loop
 
     # -- processors ----------------------------------------------------------------------
-    replica = RuleReplica(s.bootstrap_servers, rule_versions.changelog_topic.get_topic_name(), s.partitions,
+    replica = RuleReplica(connection, rule_versions.changelog_topic.get_topic_name(), s.partitions,
                           rules_topic=names["tag_mappings"], group_id=s.app_id)
     app.task(replica.run)
     app.agent(tag_mappings, name="fold_rule_versions")(
         fold_rule_versions(rule_versions, app.topic(names["dead_letters"], **RAW)))
     per_customer = CustomerEvents(
-        app, store=reporting_state, bootstrap_servers=s.bootstrap_servers, replica=replica,
+        app, store=reporting_state, connection=connection, replica=replica,
         policy=ReportingPolicy.from_settings(s),
         tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
         merge_wait_ms=s.merge_wait, max_future_skew_ms=s.max_future_skew,
@@ -153,7 +154,7 @@ def build_topology(settings: Settings) -> Topology:
         health.on_assigned()
 
     async def export_consumer_lag() -> None:
-        run_lag_monitor(s.bootstrap_servers, monitored_groups(s), s.metrics_interval / 1000)
+        run_lag_monitor(connection, monitored_groups(s), s.metrics_interval / 1000)
     app.task(export_consumer_lag)
 
     return Topology(

@@ -6,6 +6,7 @@
 #            wait until it serves requests. Idempotent: a running broker is left alone.
 #   stop     stop the broker (SIGTERM, then SIGKILL after 30 s)
 #   reset    stop and delete all broker data
+#   cluster  the three-node secured cluster instead: kafka.sh cluster start|stop|... (cluster.sh)
 #   tool     run a Kafka command-line tool class, e.g.
 #            kafka.sh tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --describe ...
 #
@@ -92,5 +93,6 @@ case "${1:-}" in
   reset) stop; rm -rf "$state"; say "state deleted" ;;
   status) if running && port_open; then say "running (pid $(cat "$pidfile"))"; else say "not running"; exit 1; fi ;;
   tool) shift; install; java_run "$@" ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  cluster) shift; exec bash "$here/cluster.sh" "$@" ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 
 from schemas.records import STANDARD_TYPES
 from streams.kafka.admin import ensure_topics
+from streams.kafka.connection import client_kwargs
 from streams.observability.lag import LagMonitor, monitored_groups
 from streams.sources.loadgen import LoadShape, TagTraffic
 from streams.observability.observe import by_label, by_labels, scrape_async, total
@@ -160,7 +161,7 @@ class _Demo:
                 await asyncio.sleep(0)
 
     async def _watch(self, worker: Child, sink: Child) -> bool:
-        async with LagMonitor(self.settings.bootstrap_servers, monitored_groups(self.settings)) as lag:
+        async with LagMonitor(client_kwargs(self.settings), monitored_groups(self.settings)) as lag:
             return await self._watch_with(worker, sink, lag)
 
     async def _watch_with(self, worker: Child, sink: Child, lag_monitor: LagMonitor) -> bool:

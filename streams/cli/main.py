@@ -198,10 +198,11 @@ def cmd_sink(args, settings: Settings) -> int:
         if args.target != "api":
             return await run_file_sink(settings, args.target, stop)
         from streams.observability import metrics
+        from streams.kafka.connection import client_kwargs
         from streams.observability.lag import LagMonitor, monitored_groups
         await ensure_topics(settings)
         metrics.serve(settings.sink_metrics_port)
-        lag = asyncio.create_task(LagMonitor(settings.bootstrap_servers, monitored_groups(settings))
+        lag = asyncio.create_task(LagMonitor(client_kwargs(settings), monitored_groups(settings))
                                   .run(settings.metrics_interval / 1000, stop))
         try:
             return await run_api_sink(settings, stop)
@@ -285,6 +286,7 @@ def cmd_topics(args, settings: Settings) -> int:
 
 
 def cmd_lag(args, settings: Settings) -> int:
+    from streams.kafka.connection import client_kwargs
     from streams.observability.lag import LagMonitor, monitored_groups
     groups = monitored_groups(settings)
     if args.group:
@@ -293,7 +295,7 @@ def cmd_lag(args, settings: Settings) -> int:
         groups = {args.group: groups[args.group]}
 
     async def sample():
-        async with LagMonitor(settings.bootstrap_servers, groups) as monitor:
+        async with LagMonitor(client_kwargs(settings), groups) as monitor:
             return await monitor.sample()
     rows = asyncio.run(sample())
     if not rows:

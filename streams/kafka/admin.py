@@ -17,6 +17,8 @@ import time
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from streams.kafka import connection
+from streams.kafka.connection import client_kwargs
 from streams.settings import ConfigError, Settings
 
 TOPIC_SETTINGS = (
@@ -28,12 +30,12 @@ EVENT_TOPICS = {"tag_events_topic", "contact_events_topic"}
 
 
 def topic_configs(name: str, settings: Settings) -> dict[str, str]:
-    """The configs a topic of tagstream's is created with."""
+    """The configs a topic of tagstream's is created with (min.insync.replicas included)."""
     if name in COMPACTED:
-        return {"cleanup.policy": "compact"}
+        return connection.topic_configs(settings, **{"cleanup.policy": "compact"})
     if name in EVENT_TOPICS:
-        return {"message.timestamp.after.max.ms": str(settings.max_future_skew)}
-    return {}
+        return connection.topic_configs(settings, **{"message.timestamp.after.max.ms": str(settings.max_future_skew)})
+    return connection.topic_configs(settings)
 #: Faust's table changelogs (`{app_id}-{table}-changelog`). Created here, before the worker
 #: starts, because a changelog Faust creates itself on a fresh broker can be missing from
 #: its consumer's metadata at the first table write, which crashes the agent with
@@ -56,7 +58,7 @@ def partition_counts(described: list[dict]) -> dict[str, int] | None:
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create any missing topic; returns the names created. Fails with a ConfigError if the
     two event topics exist with different partition counts (they must be co-partitioned)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=30000)
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=30000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -65,11 +67,13 @@ async def ensure_topics(settings: Settings) -> list[str]:
             topic = settings.topic(name)
             if topic in existing:
                 continue
-            wanted.append(NewTopic(topic, settings.partitions, 1, topic_configs=topic_configs(name, settings)))
+            wanted.append(NewTopic(topic, settings.partitions, settings.replication_factor,
+                                   topic_configs=topic_configs(name, settings)))
         for table in CHANGELOG_TABLES:
             topic = f"{settings.app_id}-{table}-changelog"
             if topic not in existing:
-                wanted.append(NewTopic(topic, settings.partitions, 1, topic_configs={"cleanup.policy": "compact"}))
+                wanted.append(NewTopic(topic, settings.partitions, settings.replication_factor,
+                                       topic_configs=connection.topic_configs(settings, **{"cleanup.policy": "compact"})))
         created = []
         for new_topic in wanted:
             try:

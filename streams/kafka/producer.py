@@ -7,14 +7,14 @@ from typing import Iterable
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from streams.kafka.connection import producer_kwargs
 from streams.sources.loadgen import GeneratedRecord
 from streams.settings import Settings
 
 
 def input_producer(settings: Settings) -> AIOKafkaProducer:
     # linger + large batches: throughput; acks=all: a produced event is really there.
-    return AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                            linger_ms=5, max_batch_size=256 * 1024, enable_idempotence=True)
+    return AIOKafkaProducer(**producer_kwargs(settings, linger_ms=5, max_batch_size=256 * 1024))
 
 
 async def produce(producer: AIOKafkaProducer, settings: Settings,

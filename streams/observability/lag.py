@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -69,17 +69,17 @@ def monitored_groups(settings: Settings) -> dict[str, list[str]]:
 
 
 class LagMonitor:
-    def __init__(self, bootstrap_servers: str, groups: dict[str, list[str]]):
-        self.bootstrap_servers = bootstrap_servers
+    def __init__(self, connection: Mapping[str, Any], groups: dict[str, list[str]]):
+        self.connection = connection        # streams.kafka.connection.client_kwargs
         self.groups = groups
         self.admin: Optional[AIOKafkaAdminClient] = None
         self.consumer: Optional[AIOKafkaConsumer] = None
         self.exported: set[tuple[str, str, str]] = set()
 
     async def start(self) -> None:
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        self.admin = AIOKafkaAdminClient(**self.connection)
         # No group: this consumer only reads single records at committed positions.
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None,
+        self.consumer = AIOKafkaConsumer(**self.connection, group_id=None,
                                          enable_auto_commit=False, max_partition_fetch_bytes=64 * 1024,
                                          fetch_max_bytes=1024 * 1024)
         await self.admin.start()
@@ -183,13 +183,13 @@ class LagMonitor:
             await self.stop()
 
 
-def run_in_thread(bootstrap_servers: str, groups: dict[str, list[str]], interval_s: float) -> threading.Thread:
+def run_in_thread(connection: Mapping[str, Any], groups: dict[str, list[str]], interval_s: float) -> threading.Thread:
     """Run a `LagMonitor` on its own event loop in a daemon thread. In the worker, a lag
     sample (admin requests, a fetch per lagging partition) used to hold the event loop for
     tens of milliseconds every interval, which showed in real-time latency's p99; in a
     thread it only takes GIL slices."""
     def run() -> None:
-        asyncio.run(LagMonitor(bootstrap_servers, groups).run(interval_s))
+        asyncio.run(LagMonitor(connection, groups).run(interval_s))
     thread = threading.Thread(target=run, name="tagstream-lag", daemon=True)
     thread.start()
     return thread

@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
 from streams.cli.progress import Progress
+from streams.kafka.connection import client_kwargs, producer_kwargs
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import ReportingPolicy
 from streams.replay.archive import archive_line, open_archive, read_archives
@@ -55,7 +56,7 @@ def format_time(ms: int) -> str:
 
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
     # No group: a replay never moves the live group's offsets.
-    return AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+    return AIOKafkaConsumer(**client_kwargs(settings), group_id=None,
                             enable_auto_commit=False, isolation_level="read_committed",
                             max_partition_fetch_bytes=4 * 1024 * 1024)
 
@@ -347,8 +348,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
     if options.dry_run:
         output: Output = FileOutput(options.out, dead_letters)
     else:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                                    enable_idempotence=True, linger_ms=5)
+        producer = AIOKafkaProducer(**producer_kwargs(settings, linger_ms=5))
         await producer.start()
         output = TopicOutput(settings, producer, dead_letters)
     try:

@@ -91,6 +91,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.validation import Rejection, decode_conversion_report
 from streams.kafka.admin import partition_counts
+from streams.kafka.connection import client_kwargs, producer_kwargs
 from streams.observability import metrics
 from streams.sinks.marketing_api import (
     Batch, MarketingApiClient, Outcome, RateLimiter, classify, pack, token_from_settings)
@@ -118,7 +119,7 @@ def _sink_consumer(settings: Settings, topics: list[str],
     conversion-reports also owns partition N of the retry topic (the default round-robin
     assignor does not)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-sink",
+        **client_kwargs(settings), group_id=f"{settings.app_id}-sink",
         enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
         partition_assignment_strategy=(RangePartitionAssignor,),
         session_timeout_ms=settings.session_timeout, heartbeat_interval_ms=max(settings.session_timeout // 3, 500))
@@ -127,8 +128,7 @@ def _sink_consumer(settings: Settings, topics: list[str],
 
 
 def _producer(settings: Settings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                            enable_idempotence=True, linger_ms=2)
+    return AIOKafkaProducer(**producer_kwargs(settings, linger_ms=2))
 
 
 def split_reports(batches: dict) -> tuple[list, list]:
@@ -226,7 +226,7 @@ class DeliveredRecord:
 
     async def _load(self, partitions: list[int]) -> None:
         """Read the record's partitions from the start to their current end."""
-        reader = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,
+        reader = AIOKafkaConsumer(**client_kwargs(self.settings), group_id=None,
                                   enable_auto_commit=False, isolation_level="read_committed")
         await reader.start()
         try:
@@ -683,7 +683,7 @@ async def check_retry_topic(settings: Settings) -> None:
     keeps its partition number, so the record partition and the consumer's co-partitioned
     assignment (RangePartitionAssignor) cover both."""
     reports, retry = settings.topic("conversion_reports_topic"), settings.topic("retry_reports_topic")
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=30000)
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=30000)
     await admin.start()
     try:
         deadline = time.monotonic() + 30

@@ -47,7 +47,7 @@ import logging
 from collections import deque
 import time
 from pathlib import Path
-from typing import Iterable, MutableMapping, Optional
+from typing import Any, Iterable, Mapping, MutableMapping, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -104,11 +104,11 @@ def commit_records(writes: dict[bytes, Optional[bytes]]) -> list[Write]:
 class ChangeloggedStore:
     """RocksDB per partition + a compacted changelog topic. Not thread-safe: one task uses it."""
 
-    def __init__(self, path: str, changelog_topic: str, bootstrap_servers: str,
+    def __init__(self, path: str, changelog_topic: str, connection: Mapping[str, Any],
                  producer: AIOKafkaProducer, restore_batch: int = 20_000):
         self.path = Path(path)
         self.changelog_topic = changelog_topic
-        self.bootstrap_servers = bootstrap_servers
+        self.connection = connection        # streams.kafka.connection.client_kwargs
         self.producer = producer
         self.restore_batch = restore_batch
         self.dbs: dict[int, Rdict] = {}
@@ -256,7 +256,7 @@ class ChangeloggedStore:
         self.restoring = True
         started = time.monotonic()
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers, group_id=None, enable_auto_commit=False,
+            **self.connection, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024)
         await consumer.start()

@@ -43,7 +43,7 @@ def _run(scenario) -> None:
 
 def test_committed_state_is_restored_whole_into_fresh_stores_every_time(kafka_broker, tmp_path):
     async def scenario(producer, topic):
-        writer = ChangeloggedStore(str(tmp_path / "writer"), topic, BOOTSTRAP, producer)
+        writer = ChangeloggedStore(str(tmp_path / "writer"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         for n in range(2_000):
             writer.stage(n % PARTITIONS, b"c:%d" % n, b"state-%d" % n)
         writer.stage(1, b"c:1", None)                               # a delete
@@ -53,7 +53,7 @@ def test_committed_state_is_restored_whole_into_fresh_stores_every_time(kafka_br
         # Repeated, because a restore once lost a whole partition about half the time: the
         # consumer's own position reset raced the seek (fixed in ChangeloggedStore.restore).
         for attempt in range(6):
-            fresh = ChangeloggedStore(str(tmp_path / f"fresh-{attempt}"), topic, BOOTSTRAP, producer)
+            fresh = ChangeloggedStore(str(tmp_path / f"fresh-{attempt}"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
             assert await fresh.restore(range(PARTITIONS)) == 2_000   # one batch per partition: no journal
             assert {p: _contents(fresh, p) for p in range(PARTITIONS)} == expected
             fresh.close()
@@ -62,10 +62,10 @@ def test_committed_state_is_restored_whole_into_fresh_stores_every_time(kafka_br
 
 def test_a_kept_store_reads_only_what_follows_its_offset(kafka_broker, tmp_path):
     async def scenario(producer, topic):
-        owner = ChangeloggedStore(str(tmp_path / "owner"), topic, BOOTSTRAP, producer)
+        owner = ChangeloggedStore(str(tmp_path / "owner"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         owner.stage(0, b"c:a", b"1")
         await owner.commit()
-        other = ChangeloggedStore(str(tmp_path / "other"), topic, BOOTSTRAP, producer)
+        other = ChangeloggedStore(str(tmp_path / "other"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         assert await other.restore([0]) == 1
         # the partition moves back to the owner, after `other` committed two more keys
         other.stage(0, b"c:b", b"2")
@@ -79,7 +79,7 @@ def test_a_kept_store_reads_only_what_follows_its_offset(kafka_broker, tmp_path)
 
 def test_a_commit_cut_short_in_the_changelog_is_completed_by_the_next_restore(kafka_broker, tmp_path):
     async def scenario(producer, topic):
-        before = ChangeloggedStore(str(tmp_path / "before"), topic, BOOTSTRAP, producer)
+        before = ChangeloggedStore(str(tmp_path / "before"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         before.stage(2, b"c:x", b"old")
         before.stage(2, b"h:2:7", b"[[1,\"x\",\"INVALID\"]]")
         await before.commit()
@@ -87,11 +87,11 @@ def test_a_commit_cut_short_in_the_changelog_is_completed_by_the_next_restore(ka
         commit = {b"c:x": b"new", b"h:2:7": None, b"k:2": b"clock"}
         for key, value in commit_records(commit)[:2]:
             await (await producer.send(topic, key=key, value=value, partition=2))
-        restored = ChangeloggedStore(str(tmp_path / "restored"), topic, BOOTSTRAP, producer)
+        restored = ChangeloggedStore(str(tmp_path / "restored"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         await restored.restore([2])
         assert _contents(restored, 2) == {b"c:x": b"new", b"k:2": b"clock"}
         # and the completion went to the changelog too: a later restore from scratch agrees
-        again = ChangeloggedStore(str(tmp_path / "again"), topic, BOOTSTRAP, producer)
+        again = ChangeloggedStore(str(tmp_path / "again"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         await again.restore([2])
         assert _contents(again, 2) == _contents(restored, 2)
     _run(scenario)
@@ -105,7 +105,7 @@ from streams.state.store import ChangeloggedStore
 async def main(path, topic, bootstrap):
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
-    store = ChangeloggedStore(path, topic, bootstrap, producer)
+    store = ChangeloggedStore(path, topic, {"bootstrap_servers": bootstrap}, producer)
     store.stage(0, b"c:a", b"first")
     store.stage(0, b"c:b", b"first")
     await store.commit()
@@ -130,7 +130,7 @@ def test_a_store_killed_with_writes_only_in_its_memtable_reopens_at_a_prefix_and
     assert died.returncode == -9
 
     async def scenario(producer, _unused_topic):
-        reopened = ChangeloggedStore(path, topic, BOOTSTRAP, producer)
+        reopened = ChangeloggedStore(path, topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         # the flushed first commit is there (offsets 0-1), the second is not
         assert reopened.changelog_offset(0) == 1
         assert _contents(reopened, 0) == {b"c:a": b"first", b"c:b": b"first"}
@@ -138,7 +138,7 @@ def test_a_store_killed_with_writes_only_in_its_memtable_reopens_at_a_prefix_and
         assert _contents(reopened, 0) == {b"c:a": b"second", b"c:b": b"first", b"c:c": b"second"}
         reopened.close()
         # a clean close flushes: reopened again, nothing is read twice
-        again = ChangeloggedStore(path, topic, BOOTSTRAP, producer)
+        again = ChangeloggedStore(path, topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         assert await again.restore([0]) == 0
         assert _contents(again, 0) == {b"c:a": b"second", b"c:b": b"first", b"c:c": b"second"}
     _run(scenario)
@@ -148,7 +148,7 @@ def test_a_commit_too_large_for_one_record_batch_goes_out_with_its_journal_first
     """One record batch is appended whole, so only a commit spanning several needs a journal
     (the test producer's batches are aiokafka's default 16 KiB)."""
     async def scenario(producer, topic):
-        store = ChangeloggedStore(str(tmp_path / "big"), topic, BOOTSTRAP, producer)
+        store = ChangeloggedStore(str(tmp_path / "big"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         small = {b"c:s": b"x" * 100}
         large = {b"c:%d" % n: b"y" * 1000 for n in range(40)}           # about 40 KiB
         for key, value in small.items():
@@ -171,7 +171,7 @@ def test_a_commit_too_large_for_one_record_batch_goes_out_with_its_journal_first
             await reader.stop()
         assert keys[0] == [b"c:s"]
         assert keys[1][0] == JOURNAL_KEY and keys[1][1:] == list(large)
-        fresh = ChangeloggedStore(str(tmp_path / "fresh"), topic, BOOTSTRAP, producer)
+        fresh = ChangeloggedStore(str(tmp_path / "fresh"), topic, {"bootstrap_servers": BOOTSTRAP}, producer)
         await fresh.restore([0, 1])
         assert _contents(fresh, 0) == small and _contents(fresh, 1) == large
     _run(scenario)

@@ -16,7 +16,7 @@ PARTITIONS = 4
 
 
 def rocksdb_state(tmp_path, name: str) -> ReportingState:
-    return ReportingState(ChangeloggedStore(str(tmp_path / name), "unused-changelog", "unused:9092", None))
+    return ReportingState(ChangeloggedStore(str(tmp_path / name), "unused-changelog", {"bootstrap_servers": "unused:9092"}, None))
 
 
 def fold(state: ReportingState, book, events, forget_at: int | None = None) -> tuple[list, list]:

