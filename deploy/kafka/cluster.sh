@@ -59,7 +59,8 @@ make_tls() {
   openssl x509 -req -in "$tls/broker.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial \
     -days 3650 -extfile "$tls/broker.ext" -out "$tls/broker.pem" 2>/dev/null
   # Kafka's PEM keystore wants an encrypted PKCS#8 key followed by the certificate chain.
-  openssl pkcs8 -topk8 -v2 aes-256-cbc -in "$tls/broker.key" -passout "pass:$(secret broker-key)" \
+  # (PBES1 with 3DES: Java's SecretKeyFactory cannot read the PBES2 that openssl uses by default)
+  openssl pkcs8 -topk8 -v1 PBE-SHA1-3DES -in "$tls/broker.key" -passout "pass:$(secret broker-key)" \
     -out "$tls/broker-key.p8" 2>/dev/null
   cat "$tls/broker-key.p8" "$tls/broker.pem" > "$tls/broker-keystore.pem"
   # A client certificate for mutual TLS (docs/operations.md shows how to use it).

@@ -6,7 +6,7 @@ SASL_SSL with SCRAM, TLS between the brokers, ACLs (deploy/kafka/cluster.sh).
 - a record produced with `producer_kwargs` (acks=all, idempotent) is read back with
   `client_kwargs`, over SASL_SSL;
 - a second principal, `intruder`, authenticates but is refused the topics (no ACL);
-- a wrong password fails authentication, and an untrusted CA fails the TLS handshake.
+- a wrong password fails authentication (and is not logged).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from streams.kafka.admin import ensure_topics
@@ -27,10 +28,11 @@ from tests.integration.conftest import REPO
 CLUSTER_SH = REPO / "deploy" / "kafka" / "cluster.sh"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def secured_cluster() -> dict[str, str]:
     """The cluster's TAGSTREAM_* connection settings; started if it is not running, and
-    stopped at the end only if this session started it."""
+    stopped after this module only if it started it (three idle brokers would take CPU
+    from the timed tests that follow)."""
     was_running = subprocess.run([str(CLUSTER_SH), "status"], capture_output=True).returncode == 0
     subprocess.run([str(CLUSTER_SH), "start"], check=True)
     env = subprocess.run([str(CLUSTER_SH), "env"], check=True, capture_output=True, text=True).stdout
@@ -99,16 +101,19 @@ def test_another_principal_is_refused_the_topics(secured_cluster):
     asyncio.run(ensure_topics(settings))
     password_file = secured_cluster["TAGSTREAM_SASL_PASSWORD_FILE"].replace("tagstream.password", "intruder.password")
     intruder = settings.replace(sasl_username="intruder", sasl_password_file=password_file)
-    with pytest.raises((KafkaError, asyncio.TimeoutError)) as refused:
+    with pytest.raises(KafkaError) as refused:
         asyncio.run(_send_once(intruder, settings.topic("tag_events_topic")))
-    assert "Authorization" in type(refused.value).__name__ or isinstance(refused.value, asyncio.TimeoutError), \
-        repr(refused.value)
+    # no ACL at all: not even the idempotent producer's id (Write on some topic) is granted
+    assert type(refused.value).__name__.endswith("AuthorizationFailedError"), repr(refused.value)
 
 
-def test_a_wrong_password_fails_authentication(secured_cluster, tmp_path):
+def test_a_wrong_password_fails_authentication(secured_cluster, tmp_path, caplog):
+    """aiokafka reports it as "Unable to bootstrap" and logs the broker's answer; the
+    one-line error that names the setting is the commands' job."""
     wrong = tmp_path / "wrong.password"
     wrong.write_text("not-the-password")
     settings = cluster_settings(secured_cluster).replace(sasl_password_file=str(wrong))
-    with pytest.raises(KafkaError) as failed:
+    with pytest.raises(KafkaError):
         asyncio.run(_send_once(settings, settings.topic("tag_events_topic")))
-    assert "Authentication" in type(failed.value).__name__ or "auth" in str(failed.value).lower(), repr(failed.value)
+    assert any("SaslAuthenticationFailed" in r.getMessage() for r in caplog.records), caplog.text
+    assert "not-the-password" not in caplog.text
