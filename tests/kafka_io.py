@@ -16,6 +16,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 BOOTSTRAP = "127.0.0.1:9092"
+#: The local broker's client arguments; a test on the secured cluster passes its own
+#: (streams.kafka.connection.client_kwargs of its settings) as `connection`.
+LOCAL = {"bootstrap_servers": BOOTSTRAP}
+Connection = Optional[dict]
 KAFKA_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
 #: Faust's consumer client id (its `broker_client_id` default): every worker's fetches.
 WORKER_CLIENT_ID = f"faust-{faust.__version__}"
@@ -37,11 +41,11 @@ def set_client_quota(client_id: str, quota: str, byte_rate: Optional[int]) -> No
                    check=byte_rate is not None, capture_output=True)
 
 
-def produce(records: Iterable[tuple]) -> None:
+def produce(records: Iterable[tuple], connection: Connection = None) -> None:
     """Send (topic, key, value) records in order and wait for every ack. A record may carry a
     fourth element, its timestamp in ms (default: now)."""
     async def run() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", enable_idempotence=True)
+        producer = AIOKafkaProducer(**(connection or LOCAL), acks="all", enable_idempotence=True)
         await producer.start()
         try:
             futures = [await producer.send(topic, key=key, value=value, timestamp_ms=rest[0] if rest else None)
@@ -57,11 +61,11 @@ def json_record(topic: str, key: str, value: Optional[dict]) -> tuple[str, bytes
 
 
 def read_topic(topic: str, partitions: int, until: Callable[[list], bool] = lambda records: False,
-               timeout: float = 30.0, settle: float = 0.0) -> list:
+               timeout: float = 30.0, settle: float = 0.0, connection: Connection = None) -> list:
     """Every committed record of `topic` from the beginning, read until `until(records)` holds
     (then `settle` seconds more, to catch anything that should NOT be there) or `timeout`."""
     async def run() -> list:
-        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=None,
+        consumer = AIOKafkaConsumer(**(connection or LOCAL), group_id=None,
                                     enable_auto_commit=False, isolation_level="read_committed")
         await consumer.start()
         try:
@@ -88,11 +92,11 @@ def read_topic(topic: str, partitions: int, until: Callable[[list], bool] = lamb
 
 
 
-def delete_topics_with_prefix(prefix: str) -> None:
+def delete_topics_with_prefix(prefix: str, connection: Connection = None) -> None:
     """Delete every topic whose name starts with `prefix` (a test's own topics). Every
     client that refreshes full cluster metadata pays for each topic left behind."""
     async def run() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        admin = AIOKafkaAdminClient(**(connection or LOCAL))
         await admin.start()
         try:
             doomed = [t for t in await admin.list_topics() if t.startswith(prefix)]

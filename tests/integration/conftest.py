@@ -16,6 +16,7 @@ from typing import Optional
 import pytest
 
 from streams.kafka.admin import ensure_topics
+from streams.kafka.connection import client_kwargs
 from streams.observability.observe import scrape, total
 from streams.settings import Settings
 from tests import kafka_io
@@ -39,6 +40,24 @@ def kafka_broker():
     yield kafka_io.BOOTSTRAP
     if not was_running:
         subprocess.run([str(KAFKA_SH), "stop"], check=False)
+
+
+CLUSTER_SH = REPO / "deploy" / "kafka" / "cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def secured_cluster() -> dict[str, str]:
+    """The local secured cluster (deploy/kafka/cluster.sh: three KRaft nodes, SASL_SSL,
+    SCRAM, TLS, ACLs), as Settings overrides that connect to it with replication factor 3.
+    Started if it is not running, and stopped after the module only if it started it (three
+    idle brokers would take CPU from the timed tests that follow)."""
+    was_running = subprocess.run([str(CLUSTER_SH), "status"], capture_output=True).returncode == 0
+    subprocess.run([str(CLUSTER_SH), "start"], check=True)
+    env = subprocess.run([str(CLUSTER_SH), "env"], check=True, capture_output=True, text=True).stdout
+    yield {name.removeprefix("TAGSTREAM_").lower(): value
+           for name, value in (line.split("=", 1) for line in env.splitlines() if "=" in line)}
+    if not was_running:
+        subprocess.run([str(CLUSTER_SH), "stop"], check=False)
 
 
 def wait_until(condition, timeout: float, what: str, *processes) -> None:
@@ -141,15 +160,22 @@ class Pipeline:
         """The pipeline's topics, as a worker would create them (to write input before one starts)."""
         asyncio.run(ensure_topics(self.settings))
 
+    @property
+    def connection(self) -> dict:
+        """The client arguments of this pipeline's broker (the local one, or the cluster)."""
+        return client_kwargs(self.settings)
+
     def send(self, *records: tuple[str, str, Optional[dict]]) -> None:
         """Send (topic short name, key, JSON value[, timestamp ms]) records in order."""
-        kafka_io.produce((*kafka_io.json_record(self.topic(t), k, v), *rest) for t, k, v, *rest in records)
+        kafka_io.produce(((*kafka_io.json_record(self.topic(t), k, v), *rest) for t, k, v, *rest in records),
+                         self.connection)
 
     def send_raw(self, *records: tuple[str, Optional[bytes], Optional[bytes]]) -> None:
-        kafka_io.produce((self.topic(t), k, v) for t, k, v in records)
+        kafka_io.produce(((self.topic(t), k, v) for t, k, v in records), self.connection)
 
     def read(self, topic: str, until=lambda records: False, timeout: float = 30.0, settle: float = 0.0) -> list:
-        return kafka_io.read_topic(self.topic(topic), self.settings.partitions, until, timeout, settle)
+        return kafka_io.read_topic(self.topic(topic), self.settings.partitions, until, timeout, settle,
+                                   self.connection)
 
     def stop(self, delete_topics: bool = False) -> None:
         """Stop the workers; `delete_topics` also deletes this pipeline's topics (benchmarks:
@@ -157,7 +183,7 @@ class Pipeline:
         for worker in self.workers:
             worker.stop()
         if delete_topics:
-            kafka_io.delete_topics_with_prefix(self.settings.app_id)
+            kafka_io.delete_topics_with_prefix(self.settings.app_id, self.connection)
 
 
 class SinkProcess:

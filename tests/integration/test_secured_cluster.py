@@ -11,7 +11,6 @@ SASL_SSL with SCRAM, TLS between the brokers, ACLs (deploy/kafka/cluster.sh).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import uuid
 
 import pytest
@@ -23,27 +22,11 @@ from aiokafka.errors import KafkaError
 from streams.kafka.admin import ensure_topics
 from streams.kafka.connection import client_kwargs, producer_kwargs
 from streams.settings import Settings
-from tests.integration.conftest import REPO
+from tests.integration.test_semantics_pipeline import run_log_through_pipeline
 
-CLUSTER_SH = REPO / "deploy" / "kafka" / "cluster.sh"
-
-
-@pytest.fixture(scope="module")
-def secured_cluster() -> dict[str, str]:
-    """The cluster's TAGSTREAM_* connection settings; started if it is not running, and
-    stopped after this module only if it started it (three idle brokers would take CPU
-    from the timed tests that follow)."""
-    was_running = subprocess.run([str(CLUSTER_SH), "status"], capture_output=True).returncode == 0
-    subprocess.run([str(CLUSTER_SH), "start"], check=True)
-    env = subprocess.run([str(CLUSTER_SH), "env"], check=True, capture_output=True, text=True).stdout
-    yield dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
-    if not was_running:
-        subprocess.run([str(CLUSTER_SH), "stop"], check=False)
-
-
-def cluster_settings(environ: dict[str, str], **overrides) -> Settings:
+def cluster_settings(cluster: dict[str, str], **overrides) -> Settings:
     tag = uuid.uuid4().hex[:8]
-    return Settings.load({"app_id": f"it-{tag}", "topic_prefix": f"it-{tag}.", **overrides}, environ=environ)
+    return Settings.load({"app_id": f"it-{tag}", "topic_prefix": f"it-{tag}.", **cluster, **overrides}, environ={})
 
 
 async def _topic_facts(settings: Settings, topic: str) -> tuple[int, str]:
@@ -99,7 +82,7 @@ async def _send_once(settings: Settings, topic: str) -> None:
 def test_another_principal_is_refused_the_topics(secured_cluster):
     settings = cluster_settings(secured_cluster)
     asyncio.run(ensure_topics(settings))
-    password_file = secured_cluster["TAGSTREAM_SASL_PASSWORD_FILE"].replace("tagstream.password", "intruder.password")
+    password_file = secured_cluster["sasl_password_file"].replace("tagstream.password", "intruder.password")
     intruder = settings.replace(sasl_username="intruder", sasl_password_file=password_file)
     with pytest.raises(KafkaError) as refused:
         asyncio.run(_send_once(intruder, settings.topic("tag_events_topic")))
@@ -117,3 +100,10 @@ def test_a_wrong_password_fails_authentication(secured_cluster, tmp_path, caplog
         asyncio.run(_send_once(settings, settings.topic("tag_events_topic")))
     assert any("SaslAuthenticationFailed" in r.getMessage() for r in caplog.records), caplog.text
     assert "not-the-password" not in caplog.text
+
+
+def test_the_semantics_pipeline_equals_the_reference_model_on_the_secured_cluster(secured_cluster, tmp_path):
+    """SPEC §4's generated log through a worker on the three-broker cluster, over SASL_SSL,
+    every topic with three replicas, a worker killed mid-commit: the reference model's
+    reports (tests/integration/test_semantics_pipeline.py's test, on the cluster)."""
+    run_log_through_pipeline(tmp_path, seed=11, crash="changelog-acked:4", **secured_cluster)

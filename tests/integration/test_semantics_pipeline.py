@@ -56,8 +56,14 @@ def _distinct(reports: list[dict]) -> dict[str, dict]:
 @pytest.mark.parametrize("seed, crash", [
     (7, None), (7, "reports-acked:3"), (11, "changelog-sent:5"), (11, "changelog-acked:4"), (7, "state-durable:6")])
 def test_pipeline_equals_the_reference_model_across_a_worker_kill(kafka_broker, tmp_path, seed, crash):
+    run_log_through_pipeline(tmp_path, seed, crash)
+
+
+def run_log_through_pipeline(tmp_path, seed: int, crash, **settings) -> None:
+    """The generated log of `seed` through a worker (SIGKILLed at failpoint `crash`, if
+    given) equals the reference model; `settings` choose the broker (the secured cluster's)."""
     log = generate_log(seed, customers=80, events=2000)
-    pipeline = Pipeline(tmp_path, partitions=PARTITIONS, batch_max=25)
+    pipeline = Pipeline(tmp_path, partitions=PARTITIONS, batch_max=25, **settings)
     expected_reports, expected_unreportable = reference_reports(
         log["rules"], log["events"], partition_of=lambda key: kafka_partition(key, PARTITIONS))
     try:
