@@ -138,7 +138,9 @@ def _logging(settings: Settings) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from streams.kafka import diagnose
     args = build_parser().parse_args(argv)
+    recent = diagnose.install()
     try:
         settings = _settings_from(args)
         return COMMANDS[args.command](args, settings) or 0
@@ -148,12 +150,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the broker is the usual suspect; say how to fix it
-        from aiokafka.errors import KafkaConnectionError
-        if isinstance(exc, KafkaConnectionError):
-            print(f"tagstream: error: cannot reach Kafka at {settings.broker}: start the local broker "
-                  f"with `deploy/kafka/kafka.sh start` or set TAGSTREAM_BROKER", file=sys.stderr)
-            return 1
-        raise
+        why = diagnose.explain(exc, settings, recent)
+        if why is None:
+            raise
+        print(f"tagstream: error: {why}", file=sys.stderr)
+        return 1
 
 
 def cmd_worker(args, settings: Settings) -> int:

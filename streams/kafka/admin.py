@@ -15,6 +15,7 @@ import asyncio
 import time
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import errors
 from aiokafka.errors import TopicAlreadyExistsError
 
 from streams.kafka import connection
@@ -55,6 +56,19 @@ def partition_counts(described: list[dict]) -> dict[str, int] | None:
     return {d["topic"]: len(d["partitions"]) for d in described}
 
 
+def _created(response, name: str) -> bool:
+    """Whether a CreateTopics answer created `name`: False if it already existed; any other
+    error (a missing ACL, a replication factor above the broker count) is raised."""
+    for topic, code, *rest in response.topic_errors:
+        if topic != name or code == 0:
+            continue
+        if code == TopicAlreadyExistsError.errno:
+            return False
+        message = next((m for m in rest if isinstance(m, str) and m), "")
+        raise errors.for_code(code)(f"creating topic {name}: {message}".rstrip(": "))
+    return True
+
+
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create any missing topic; returns the names created. Fails with a ConfigError if the
     two event topics exist with different partition counts (they must be co-partitioned)."""
@@ -77,10 +91,11 @@ async def ensure_topics(settings: Settings) -> list[str]:
         created = []
         for new_topic in wanted:
             try:
-                await admin.create_topics([new_topic])
-                created.append(new_topic.name)
+                response = await admin.create_topics([new_topic])
             except TopicAlreadyExistsError:
-                pass
+                continue
+            if _created(response, new_topic.name):
+                created.append(new_topic.name)
         event_topics = [settings.topic("tag_events_topic"), settings.topic("contact_events_topic")]
         counts = await _wait_for_metadata(admin, sorted(set(event_topics) | set(created)))
         if len({counts[t] for t in event_topics}) != 1:

@@ -79,3 +79,14 @@ def faust_kwargs(settings: Settings) -> dict[str, Any]:
 def topic_configs(settings: Settings, **configs: str) -> dict[str, str]:
     """Topic-level configs of a topic tagstream creates: `configs` plus min.insync.replicas."""
     return {"min.insync.replicas": str(settings.min_insync_replicas), **configs}
+
+
+async def start_client(client: Any) -> Any:
+    """`await client.start()`, closing the client if that fails (a login refused, no
+    broker), so the failure is not followed by aiokafka's "Unclosed ..." warnings."""
+    try:
+        await client.start()
+    except BaseException:
+        await (client.stop() if hasattr(client, "stop") else client.close())
+        raise
+    return client

@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
 from streams.cli.progress import Progress
-from streams.kafka.connection import client_kwargs, producer_kwargs
+from streams.kafka.connection import client_kwargs, producer_kwargs, start_client
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import ReportingPolicy
 from streams.replay.archive import archive_line, open_archive, read_archives
@@ -91,7 +91,7 @@ async def load_rule_book(settings: Settings) -> tuple[RuleBook, int]:
     folded on top (a version the worker has not folded yet still counts)."""
     book, records = RuleBook(), 0
     consumer = _consumer(settings)
-    await consumer.start()
+    await start_client(consumer)
     try:
         def from_rules_topic(record) -> None:
             nonlocal records
@@ -134,6 +134,9 @@ async def plan_range(consumer: AIOKafkaConsumer, settings: Settings, from_ms: in
         topic = settings.topic(TOPIC_SETTING[source])
         partitions = await partitions_of(consumer, topic)
         if not partitions:
+            if settings.sasl_username:     # Kafka hides a topic the user may not Describe
+                raise ConfigError(f"topic {topic} does not exist or user {settings.sasl_username!r} may not "
+                                  f"Describe it: check --topic-prefix / TAGSTREAM_TOPIC_PREFIX, or the user's ACLs")
             raise ConfigError(f"topic {topic} does not exist; nothing to replay (check --topic-prefix / TAGSTREAM_TOPIC_PREFIX)")
         tps += [TopicPartition(topic, p) for p in partitions]
     beginnings = await consumer.beginning_offsets(tps)
@@ -192,7 +195,7 @@ async def delivered_state(settings: Settings) -> dict[str, bytes]:
     """outer_action_id -> its state in the sink's delivered record (acked, failed, sending)."""
     state: dict[str, bytes] = {}
     consumer = _consumer(settings)
-    await consumer.start()
+    await start_client(consumer)
     try:
         def apply(record) -> None:
             state[record.key.decode()] = record.value
@@ -207,7 +210,7 @@ async def first_reports(settings: Settings, ids: set[str]) -> dict[str, dict]:
     (later copies of an acknowledged id are skipped by the sink)."""
     found: dict[str, dict] = {}
     consumer = _consumer(settings)
-    await consumer.start()
+    await start_client(consumer)
     try:
         def apply(record) -> None:
             oid = record.key.decode() if record.key else None
@@ -349,7 +352,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
         output: Output = FileOutput(options.out, dead_letters)
     else:
         producer = AIOKafkaProducer(**producer_kwargs(settings, linger_ms=5))
-        await producer.start()
+        await start_client(producer)
         output = TopicOutput(settings, producer, dead_letters)
     try:
         if options.files:
@@ -379,7 +382,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
         else:
             book, _ = await load_rule_book(settings)
             consumer = _consumer(settings)
-            await consumer.start()
+            await start_client(consumer)
             try:
                 plan = await plan_range(consumer, settings, options.from_ms, options.to_ms)
                 if plan.records == 0:
@@ -421,7 +424,7 @@ async def run_archive(settings: Settings, from_ms: int, to_ms: int, out: str) ->
     """Write the rule book and the event topics' records in [from, to) to an NDJSON archive."""
     book_records = []
     consumer = _consumer(settings)
-    await consumer.start()
+    await start_client(consumer)
     counts: Counter = Counter()
     try:
         plan = await plan_range(consumer, settings, from_ms, to_ms)

@@ -91,7 +91,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.validation import Rejection, decode_conversion_report
 from streams.kafka.admin import partition_counts
-from streams.kafka.connection import client_kwargs, producer_kwargs
+from streams.kafka.connection import client_kwargs, producer_kwargs, start_client
 from streams.observability import metrics
 from streams.sinks.marketing_api import (
     Batch, MarketingApiClient, Outcome, RateLimiter, classify, pack, token_from_settings)
@@ -166,9 +166,9 @@ async def run_file_sink(settings: Settings, target: str, stop: asyncio.Event) ->
     """Copy reports to the target until `stop` is set; returns how many were written."""
     out = open_target(target)
     producer = _producer(settings)
-    await producer.start()
+    await start_client(producer)
     consumer = _sink_consumer(settings, [settings.topic("conversion_reports_topic")])
-    await consumer.start()
+    await start_client(consumer)
     written = 0
     try:
         while not stop.is_set():
@@ -228,7 +228,7 @@ class DeliveredRecord:
         """Read the record's partitions from the start to their current end."""
         reader = AIOKafkaConsumer(**client_kwargs(self.settings), group_id=None,
                                   enable_auto_commit=False, isolation_level="read_committed")
-        await reader.start()
+        await start_client(reader)
         try:
             tps = [TopicPartition(self.topic, p) for p in partitions]
             reader.assign(tps)
@@ -711,7 +711,7 @@ async def run_api_sink(settings: Settings, stop: asyncio.Event) -> dict:
                           "(re-read when the token expires) or TAGSTREAM_ACCESS_TOKEN")
     await check_retry_topic(settings)
     producer = _producer(settings)
-    await producer.start()
+    await start_client(producer)
     try:
         async with MarketingApiClient(settings.marketing_api_base, token,
                                       RateLimiter(settings.sink_rate_limit),
@@ -720,7 +720,7 @@ async def run_api_sink(settings: Settings, stop: asyncio.Event) -> dict:
             sink = ApiSink(settings, client, record, producer)
             consumer = _sink_consumer(settings, [settings.topic("conversion_reports_topic"),
                                                  settings.topic("retry_reports_topic")], sink.listener())
-            await consumer.start()
+            await start_client(consumer)
             try:
                 return await sink.run(consumer, stop)
             finally:

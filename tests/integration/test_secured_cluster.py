@@ -6,12 +6,20 @@ SASL_SSL with SCRAM, TLS between the brokers, ACLs (deploy/kafka/cluster.sh).
 - a record produced with `producer_kwargs` (acks=all, idempotent) is read back with
   `client_kwargs`, over SASL_SSL;
 - a second principal, `intruder`, authenticates but is refused the topics (no ACL);
-- a wrong password fails authentication (and is not logged).
+- a wrong password fails authentication (and is not logged);
+- a wrong password, an untrusted CA, a missing ACL and an unreachable bootstrap each end the
+  worker, the sink and replay within 30 s with one line that names what to fix, no
+  traceback and no password.
 """
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -22,6 +30,7 @@ from aiokafka.errors import KafkaError
 from streams.kafka.admin import ensure_topics
 from streams.kafka.connection import client_kwargs, producer_kwargs
 from streams.settings import Settings
+from tests.integration.conftest import free_port
 from tests.integration.test_semantics_pipeline import run_log_through_pipeline
 
 def cluster_settings(cluster: dict[str, str], **overrides) -> Settings:
@@ -107,3 +116,49 @@ def test_the_semantics_pipeline_equals_the_reference_model_on_the_secured_cluste
     every topic with three replicas, a worker killed mid-commit: the reference model's
     reports (tests/integration/test_semantics_pipeline.py's test, on the cluster)."""
     run_log_through_pipeline(tmp_path, seed=11, crash="changelog-acked:4", **secured_cluster)
+
+
+def _run_command(command: list[str], environ: dict[str, str]) -> tuple[int, float, str]:
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "streams.cli", *command], env={**os.environ, **environ},
+                         capture_output=True, text=True, timeout=60)
+    return run.returncode, time.monotonic() - started, run.stdout + run.stderr
+
+
+COMMANDS = {"worker": ["worker"], "sink": ["sink", "--target", "stdout"],
+            "replay": ["replay", "--from", "2026-01-01", "--to", "2026-01-02", "--dry-run", "--out", os.devnull]}
+
+
+@pytest.mark.parametrize("fault, setting", [
+    ("wrong password", "TAGSTREAM_SASL_PASSWORD_FILE"),
+    ("untrusted CA", "TAGSTREAM_SSL_CAFILE"),
+    ("missing ACL", "ACLs"),
+    ("unreachable bootstrap", "TAGSTREAM_BROKER"),
+])
+def test_a_bad_connection_ends_each_command_within_30_s_with_one_line_naming_the_setting(
+        secured_cluster, tmp_path, fault, setting):
+    settings = cluster_settings(secured_cluster, data_dir=str(tmp_path / "data"), metrics_port="0",
+                                sink_metrics_port="0")
+    asyncio.run(ensure_topics(settings))           # the topics exist: the intruder meets the ACLs
+    environ = settings.to_environ()
+    secrets = [Path(secured_cluster["sasl_password_file"]).read_text().strip()]
+    if fault == "wrong password":
+        wrong = tmp_path / "wrong.password"
+        wrong.write_text("wrong-pw-5b1e")
+        environ["TAGSTREAM_SASL_PASSWORD_FILE"] = str(wrong)
+        secrets.append("wrong-pw-5b1e")
+    elif fault == "untrusted CA":
+        environ["TAGSTREAM_SSL_CAFILE"] = "/etc/ssl/certs/ca-certificates.crt"     # not the cluster's CA
+    elif fault == "missing ACL":
+        intruder = secured_cluster["sasl_password_file"].replace("tagstream.password", "intruder.password")
+        environ.update(TAGSTREAM_SASL_USERNAME="intruder", TAGSTREAM_SASL_PASSWORD_FILE=intruder)
+        secrets.append(Path(intruder).read_text().strip())
+    else:
+        environ["TAGSTREAM_BROKER"] = f"kafka://127.0.0.1:{free_port()}"
+    for name, command in COMMANDS.items():
+        code, seconds, output = _run_command(command, environ)
+        last = output.strip().splitlines()[-1]
+        assert code != 0 and seconds < 30, f"{name}: exit {code} after {seconds:.0f} s\n{output[-2000:]}"
+        assert last.startswith("tagstream: error: ") and setting in last, f"{name}: {output[-2000:]}"
+        assert "Traceback" not in output, f"{name}: {output[-3000:]}"
+        assert not [s for s in secrets if s in output], f"{name} printed a password"
