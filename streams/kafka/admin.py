@@ -88,6 +88,9 @@ async def ensure_topics(settings: Settings) -> list[str]:
             if topic not in existing:
                 wanted.append(NewTopic(topic, settings.partitions, settings.replication_factor,
                                        topic_configs=connection.topic_configs(settings, **{"cleanup.policy": "compact"})))
+        leader = f"{settings.app_id}-__assignor-__leader"     # Faust's own, one partition
+        if leader not in existing:
+            wanted.append(NewTopic(leader, 1, settings.replication_factor, topic_configs=connection.topic_configs(settings)))
         created = []
         for new_topic in wanted:
             try:

@@ -74,7 +74,8 @@ def test_topics_are_created_replicated_and_a_record_goes_round_over_sasl_ssl(sec
     assert settings.topic("tag_events_topic") in created
     for name in ("tag_events_topic", "delivered_reports_topic"):
         assert asyncio.run(_topic_facts(settings, settings.topic(name))) == (3, "2")
-    assert asyncio.run(_topic_facts(settings, f"{settings.app_id}-reporting_state-changelog")) == (3, "2")
+    for internal in ("reporting_state-changelog", "rule_versions-changelog", "__assignor-__leader"):
+        assert asyncio.run(_topic_facts(settings, f"{settings.app_id}-{internal}")) == (3, "2")
     assert asyncio.run(_round_trip(settings, settings.topic("tag_events_topic"))) == b"over SASL_SSL"
 
 
