@@ -84,7 +84,7 @@ bench-hot-customer: setup
 ## The chaos run: 300,000 events, two workers, the sink and the Marketing API, with worker/sink
 ## SIGKILLs, a join/leave, a broker restart, API failure bursts and 5% poison (CI runs it small).
 chaos: setup
-	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+	$(BIN)/python -m tests.chaos $(if $(filter 3,$(CLUSTER)),--cluster) $(CHAOS_ARGS)
 
 ## Regenerate docs/configuration.md from the settings (a unit test fails when it is stale).
 docs: setup

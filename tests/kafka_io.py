@@ -21,23 +21,29 @@ BOOTSTRAP = "127.0.0.1:9092"
 LOCAL = {"bootstrap_servers": BOOTSTRAP}
 Connection = Optional[dict]
 KAFKA_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
+CLUSTER_SH = KAFKA_SH.with_name("cluster.sh")
+CLUSTER_BOOTSTRAP = "127.0.0.1:19092,127.0.0.1:19192,127.0.0.1:19292"
+CLUSTER_ADMIN = KAFKA_SH.parents[2] / ".state" / "cluster" / "secrets" / "admin.properties"
 #: Faust's consumer client id (its `broker_client_id` default): every worker's fetches.
 WORKER_CLIENT_ID = f"faust-{faust.__version__}"
 
 
-def throttle_fetches(byte_rate: Optional[int], client_id: str = WORKER_CLIENT_ID) -> None:
+def throttle_fetches(byte_rate: Optional[int], client_id: str = WORKER_CLIENT_ID, cluster: bool = False) -> None:
     """Set (or, with None, remove) a broker quota on `client_id`'s fetches: a real Kafka
     client quota (`consumer_byte_rate`), set with the broker's own ConfigCommand. It makes a
     backlog last, and makes fetch responses arrive slowly and unevenly across partitions."""
-    set_client_quota(client_id, "consumer_byte_rate", byte_rate)
+    set_client_quota(client_id, "consumer_byte_rate", byte_rate, cluster)
 
 
-def set_client_quota(client_id: str, quota: str, byte_rate: Optional[int]) -> None:
+def set_client_quota(client_id: str, quota: str, byte_rate: Optional[int], cluster: bool = False) -> None:
     """Set (or, with None, remove) the broker quota `quota` (`consumer_byte_rate` or
-    `producer_byte_rate`) of `client_id`."""
+    `producer_byte_rate`) of `client_id`, on the local broker or (`cluster`) the secured
+    cluster, as its admin user."""
     change = ["--add-config", f"{quota}={byte_rate}"] if byte_rate else ["--delete-config", quota]
-    subprocess.run([str(KAFKA_SH), "tool", "kafka.admin.ConfigCommand", "--bootstrap-server", BOOTSTRAP,
-                    "--alter", *change, "--entity-type", "clients", "--entity-name", client_id],
+    where = ([str(CLUSTER_SH), "tool", "kafka.admin.ConfigCommand", "--bootstrap-server", CLUSTER_BOOTSTRAP,
+              "--command-config", str(CLUSTER_ADMIN)] if cluster else
+             [str(KAFKA_SH), "tool", "kafka.admin.ConfigCommand", "--bootstrap-server", BOOTSTRAP])
+    subprocess.run([*where, "--alter", *change, "--entity-type", "clients", "--entity-name", client_id],
                    check=byte_rate is not None, capture_output=True)
 
 
@@ -108,13 +114,13 @@ def delete_topics_with_prefix(prefix: str, connection: Connection = None) -> Non
 
 
 
-def group_offsets(group: str, tps: list[TopicPartition], request_timeout_ms: int = 30_000
-                  ) -> dict[TopicPartition, tuple[int, int]]:
+def group_offsets(group: str, tps: list[TopicPartition], request_timeout_ms: int = 30_000,
+                  connection: Connection = None) -> dict[TopicPartition, tuple[int, int]]:
     """{tp: (committed offset of `group`, log end)}; a partition with no committed offset
     counts from 0."""
     async def run() -> dict:
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP, request_timeout_ms=request_timeout_ms)
-        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, request_timeout_ms=request_timeout_ms)
+        admin = AIOKafkaAdminClient(**(connection or LOCAL), request_timeout_ms=request_timeout_ms)
+        consumer = AIOKafkaConsumer(**(connection or LOCAL), request_timeout_ms=request_timeout_ms)
         await admin.start()
         await consumer.start()
         try:

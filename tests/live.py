@@ -20,9 +20,9 @@ from tests import kafka_io
 
 
 class LiveWriter:
-    def __init__(self, bootstrap: str = kafka_io.BOOTSTRAP, **producer_settings):
+    def __init__(self, connection: kafka_io.Connection = None, **producer_settings):
         self.producer = AIOKafkaProducer(**{
-            "bootstrap_servers": bootstrap, "acks": "all", "enable_idempotence": True, "linger_ms": 1,
+            **(connection or kafka_io.LOCAL), "acks": "all", "enable_idempotence": True, "linger_ms": 1,
             "client_id": "tagstream-live-writer", **producer_settings})
         self.pending: list = []
         self.last_topic: Optional[str] = None

@@ -10,6 +10,8 @@
 #   status       which nodes run
 #   kill N       SIGKILL node N (1-3), as a crash; `start` brings it back
 #   start-node N start node N and wait until it serves
+#   stop-node N  stop node N gracefully (SIGTERM)
+#   controller   print the node id of the active KRaft controller (the quorum leader)
 #   env          print the TAGSTREAM_* settings that connect tagstream to the cluster
 #   tool CLASS   run a Kafka tool class as the admin user (its --command-config is ready:
 #                add `--command-config "$TAGSTREAM_CLUSTER_STATE/secrets/admin.properties"`)
@@ -194,6 +196,10 @@ case "${1:-}" in
           [ $up -eq 3 ] ;;
   kill) n=${2:?node number 1-3}; running "$n" && kill -9 "$(cat "$(pidfile "$n")")"; rm -f "$(pidfile "$n")"; say "node $n killed" ;;
   start-node) start_node "${2:?node number 1-3}" ;;
+  stop-node) stop_node "${2:?node number 1-3}"; say "node $2 stopped" ;;
+  controller) java_tool org.apache.kafka.tools.MetadataQuorumCommand --bootstrap-server "$(bootstrap)" \
+                --command-config "$state/secrets/admin.properties" describe --status 2>/dev/null \
+              | sed -n 's/^LeaderId:[[:space:]]*//p' ;;
   env) cat <<EOF
 TAGSTREAM_BROKER=$(bootstrap | sed 's#\([^,]*\)#kafka://\1#g')
 TAGSTREAM_SECURITY_PROTOCOL=SASL_SSL
@@ -206,5 +212,5 @@ TAGSTREAM_MIN_INSYNC_REPLICAS=2
 EOF
   ;;
   tool) shift; java_tool "$@" ;;
-  *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -65,6 +65,7 @@ from typing import Callable, Optional
 
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.observability.observe import total
 from streams.settings import Settings
@@ -99,6 +100,7 @@ class Plan:
     api_bursts: int = 3
     broker_restarts: int = 1
     hot_events: int = 50_000                      # one customer's tag adds, in the live part
+    cluster: bool = False                         # on the secured three-broker cluster
     seed: int = 1
     partitions: int = 4
     gap_s: tuple[float, float] = (2.0, 6.0)       # random pause before each fault
@@ -111,8 +113,10 @@ class Plan:
         kinds = (["worker_kill"] * self.worker_kills + ["join_leave"] * self.join_leave
                  + ["sink_kill"] * self.sink_kills + ["api_burst"] * self.api_bursts)
         random.Random(self.seed).shuffle(kinds)
-        for n in range(self.broker_restarts):
-            kinds.insert(len(kinds) * (n + 1) // (self.broker_restarts + 1), "broker_restart")
+        broker = (["leader_kill", "controller_kill", "rolling_restart"] if self.cluster
+                  else ["broker_restart"] * self.broker_restarts)
+        for n, kind in enumerate(broker):
+            kinds.insert(len(kinds) * (n + 1) // (len(broker) + 1) + n, kind)
         return kinds
 
 
@@ -253,21 +257,34 @@ class Result:
 
 # -- the broker ------------------------------------------------------------------------------
 
-def _kafka(*args: str) -> None:
-    subprocess.run([str(KAFKA_SH), *args], check=True, capture_output=True)
+def _kafka(*args: str, cluster: bool = False) -> str:
+    """Run kafka.sh (the one broker) or cluster.sh (the secured cluster); returns its output."""
+    script = kafka_io.CLUSTER_SH if cluster else KAFKA_SH
+    return subprocess.run([str(script), *args], check=True, capture_output=True, text=True).stdout
 
 
-def _group_offsets(group: str, tps: list[TopicPartition]) -> Optional[dict[TopicPartition, tuple[int, int]]]:
-    """Committed offsets of `group` and the log ends, {tp: (committed, end)}; None if the
-    broker does not answer."""
+def cluster_overrides() -> dict[str, str]:
+    """Settings that connect to the secured cluster (started if it is not running)."""
+    _kafka("start", cluster=True)
+    env = _kafka("env", cluster=True)
+    return {name.removeprefix("TAGSTREAM_").lower(): value
+            for name, value in (line.split("=", 1) for line in env.splitlines() if "=" in line)}
+
+
+async def _leaders(connection: dict, topics: list[str]) -> Counter:
+    """How many partitions of `topics` each broker leads."""
+    admin = AIOKafkaAdminClient(**connection, request_timeout_ms=10_000)
+    await admin.start()
     try:
-        return kafka_io.group_offsets(group, tps, request_timeout_ms=3000)
-    except Exception:          # noqa: BLE001 - the broker may be down: that is the fault being measured
-        return None
+        return Counter(p["leader"] for t in await admin.describe_topics(topics) for p in t["partitions"])
+    finally:
+        await admin.close()
 
-async def _produce(records: list[tuple[str, Optional[bytes], Optional[bytes], Optional[int]]]) -> list:
+
+async def _produce(records: list[tuple[str, Optional[bytes], Optional[bytes], Optional[int]]],
+                   connection: dict) -> list:
     """Send in order, acks=all; returns each record's RecordMetadata."""
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_io.BOOTSTRAP, acks="all", enable_idempotence=True,
+    producer = AIOKafkaProducer(**connection, acks="all", enable_idempotence=True,
                                 max_request_size=4 * 1024 * 1024, linger_ms=5)
     await producer.start()
     try:
@@ -290,8 +307,9 @@ class ChaosRun:
         self.work = work
         self.out = out
         self.rng = random.Random(plan.seed)
-        self.pipeline = Pipeline(work, partitions=plan.partitions)
+        self.pipeline = Pipeline(work, partitions=plan.partitions, **(cluster_overrides() if plan.cluster else {}))
         self.settings = self.pipeline.settings
+        self.connection = self.pipeline.connection
         self.slots: list[WorkerProcess] = []
         self.armed: dict[int, str] = {}        # slot -> failpoint it was started with
         self.result = Result()
@@ -304,6 +322,14 @@ class ChaosRun:
     def say(self, line: str) -> None:
         stamp = f"{time.monotonic() - self.started:6.0f}s" if self.started else "  prep"
         print(f"chaos {stamp} {line}", file=self.out, flush=True)
+
+    def group_offsets(self, group: str, tps: list[TopicPartition]) -> Optional[dict[TopicPartition, tuple[int, int]]]:
+        """Committed offsets of `group` and the log ends, {tp: (committed, end)}; None if the
+        broker does not answer."""
+        try:
+            return kafka_io.group_offsets(group, tps, request_timeout_ms=3000, connection=self.connection)
+        except Exception:          # noqa: BLE001 - the broker may be down: that is the fault being measured
+            return None
 
     # -- set-up --------------------------------------------------------------------------
     def prepare(self) -> tuple[set[str], dict[str, tuple[str, int]], set[str], dict[tuple, Poison]]:
@@ -346,7 +372,7 @@ class ChaosRun:
         self.result.live_records = len(self.live)
         self.say(f"producing {split:,} of {len(records):,} records ({len(events):,} events and {len(poison):,} "
                  f"poison) as a backlog; the rest arrives live")
-        self.metadata = asyncio.run(_produce(records[:split]))
+        self.metadata = asyncio.run(_produce(records[:split], self.connection))
         self.poison_at = poison_at
         self.input_bytes = sum(len(k or b"") + len(v or b"") for _, k, v, _ in records)
         return set(expected), expected, {r["outer_action_id"] for r in unreportable}
@@ -386,7 +412,7 @@ class ChaosRun:
         RecordMetadata is appended to `self.metadata`."""
         async def write() -> None:
             # a generous timeout: the broker restart fault stops it for seconds meanwhile
-            async with LiveWriter(request_timeout_ms=180_000) as writer:
+            async with LiveWriter(self.connection, request_timeout_ms=180_000) as writer:
                 started = time.monotonic()
                 deliveries = []
                 for i, (topic, key, value, ts) in enumerate(self.live):
@@ -455,7 +481,7 @@ class ChaosRun:
                 if code == -signal.SIGKILL and n in self.armed:
                     fault = Fault("failpoint_kill", time.monotonic() - self.started, f"worker-{n} at {self.armed[n]}")
                     self.say(f"worker-{n} killed itself at failpoint {self.armed[n]}; restarting it")
-                    before = _group_offsets(self.settings.app_id, self._input_tps())
+                    before = self.group_offsets(self.settings.app_id, self._input_tps())
                     self.start_slot(n)          # unarmed: this wait cannot recurse again
                     fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
                     self.result.faults.append(fault)
@@ -487,7 +513,7 @@ class ChaosRun:
     def group_progressed(self, before: Optional[dict]) -> Callable[[], bool]:
         """Every input partition that had work at `before` has committed past it (or is done)."""
         def check() -> bool:
-            now = _group_offsets(self.settings.app_id, self._input_tps())
+            now = self.group_offsets(self.settings.app_id, self._input_tps())
             if now is None:
                 return False
             if before is None:
@@ -504,19 +530,19 @@ class ChaosRun:
         holds every expected action already)."""
         if self.writer is not None and self.writer.is_alive():
             return False
-        offsets = _group_offsets(self.settings.app_id, self._input_tps())
+        offsets = self.group_offsets(self.settings.app_id, self._input_tps())
         if offsets is None or any(c < end for c, end in offsets.values()):
             return False
         if set(self.server.accepted) >= self.expected_ids:
             return True
         reports = [TopicPartition(self.pipeline.topic("conversion_reports"), p) for p in range(self.plan.partitions)]
-        sink = _group_offsets(f"{self.settings.app_id}-sink", reports)
+        sink = self.group_offsets(f"{self.settings.app_id}-sink", reports)
         return sink is not None and all(c >= end for c, end in sink.values())
 
     # -- faults ------------------------------------------------------------------------------
     def inject(self, kind: str, index: Counter) -> None:
         at = time.monotonic() - self.started
-        before = _group_offsets(self.settings.app_id, self._input_tps())
+        before = self.group_offsets(self.settings.app_id, self._input_tps())
         fault = Fault(kind, at)
         if kind == "worker_kill":
             n = self.rng.choice([s for s in (0, 1) if self.alive(s)] or [0])
@@ -538,7 +564,7 @@ class ChaosRun:
             self.result.faults.append(fault)
             self.say(f"{fault.kind}: {fault.detail}: {fault.recovery_text()}")
             time.sleep(self.rng.uniform(*self.plan.gap_s))
-            before = _group_offsets(self.settings.app_id, self._input_tps())
+            before = self.group_offsets(self.settings.app_id, self._input_tps())
             fault = Fault("join_leave", time.monotonic() - self.started, "worker-2 leaves (SIGTERM)")
             self.slots[2].stop()
             fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
@@ -554,6 +580,34 @@ class ChaosRun:
             faults.retryable_rate = faults.drop_rate = faults.slow_rate = 0.0
             fault.detail = f"{self.plan.burst_s:.0f} s of 70% retryable, 10% dropped, 5% slow"
             fault.recovery_s = self.wait(self.api_progressed(), self.plan.recovery_timeout_s)
+        elif kind in ("leader_kill", "controller_kill"):
+            if kind == "leader_kill":
+                inputs = [self.settings.topic("tag_events_topic"), self.settings.topic("contact_events_topic")]
+                node, led = asyncio.run(_leaders(self.connection, inputs)).most_common(1)[0]
+                fault.detail = f"SIGKILL node {node} (leads {led} input partitions)"
+            else:
+                node = int(_kafka("controller", cluster=True).strip())
+                fault.detail = f"SIGKILL node {node} (the active controller)"
+            forced_before = self.scrape_forced(now=True)
+            _kafka("kill", str(node), cluster=True)
+            # recovery with the node still down: two of three brokers hold min.insync.replicas
+            fault.recovery_s = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
+            _kafka("start-node", str(node), cluster=True)
+            time.sleep(PROBE_TIMEOUT_S + 1)
+            self.outage_forced += self.scrape_forced(now=True) - forced_before
+        elif kind == "rolling_restart":
+            forced_before = self.scrape_forced(now=True)
+            rolling_from = time.monotonic()
+            for node in (1, 2, 3):
+                _kafka("stop-node", str(node), cluster=True)
+                _kafka("start-node", str(node), cluster=True)
+            rolled = time.monotonic() - rolling_from
+            fault.detail = f"each node stopped and started in turn ({rolled:.0f} s)"
+            # from the first stop until every partition with work has committed progress
+            after = self.wait(self.group_progressed(before), self.plan.recovery_timeout_s)
+            fault.recovery_s = None if after is None else rolled + after
+            time.sleep(PROBE_TIMEOUT_S + 1)
+            self.outage_forced += self.scrape_forced(now=True) - forced_before
         elif kind == "broker_restart":
             forced_before = self.scrape_forced(now=True)
             _kafka("stop")
@@ -569,7 +623,7 @@ class ChaosRun:
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> Result:
-        _kafka("start")
+        _kafka("start", cluster=self.plan.cluster)
         expected_ids, expected, unreportable_ids = self.prepare()
         self.expected_ids = expected_ids
         faults = self.plan.faults()
@@ -580,7 +634,7 @@ class ChaosRun:
                                     + self.input_bytes * self.plan.live_share / (1.25 * schedule_s)))
         self.say(f"{self.input_bytes / 1e6:.1f} MB of input; workers throttled to {byte_rate / 1e3:.0f} kB/s "
                  f"for {len(faults)} faults")
-        kafka_io.throttle_fetches(byte_rate)
+        kafka_io.throttle_fetches(byte_rate, cluster=self.plan.cluster)
         self.server = MarketingApiServer(TOKEN, Faults(seed=self.plan.seed))
         api = ServerThread(self.server).start()
         token_file = self.work / "token"
@@ -598,7 +652,7 @@ class ChaosRun:
                 time.sleep(self.rng.uniform(*self.plan.gap_s))
                 self.supervise()
                 self.inject(kind, index)
-            kafka_io.throttle_fetches(None)
+            kafka_io.throttle_fetches(None, cluster=self.plan.cluster)
             self.say("faults done; throttle lifted; draining")
             if self.wait(self.drained, 600) is None:
                 self.say("did not drain in 600 s")
@@ -613,7 +667,7 @@ class ChaosRun:
             self.supervise()
             self.result.seconds = time.monotonic() - self.started
         finally:
-            kafka_io.throttle_fetches(None)
+            kafka_io.throttle_fetches(None, cluster=self.plan.cluster)
             for slot in self.slots:
                 slot.stop()
             if self.sink is not None:
@@ -681,11 +735,13 @@ def main(argv=None) -> int:
     parser.add_argument("--broker-restarts", type=int, default=Plan.broker_restarts, help="broker stops and starts (default 1)")
     parser.add_argument("--hot-events", type=int, default=Plan.hot_events,
                         help="one hot customer's tag adds in the live part (default 50000; 0: none)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run on the secured three-broker cluster (make chaos CLUSTER=3), with its broker faults")
     parser.add_argument("--seed", type=int, default=Plan.seed, help="seeds the log, poison and fault order (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) and the topics")
     args = parser.parse_args(argv)
     plan = Plan(events=args.events, worker_kills=args.worker_kills, sink_kills=args.sink_kills,
-                api_bursts=args.api_bursts, seed=args.seed, hot_events=args.hot_events,
+                api_bursts=args.api_bursts, seed=args.seed, hot_events=args.hot_events, cluster=args.cluster,
                 join_leave=args.join_leave, broker_restarts=args.broker_restarts,
                 failpoint_restarts=min(3, args.worker_kills), wiped_restarts=min(2, max(0, args.worker_kills - 3)))
     work = Path(tempfile.mkdtemp(prefix="tagstream-chaos-"))
