@@ -35,7 +35,7 @@ from agents.customers import CustomerEvents
 from agents.health import WorkerHealth, faust_table_keys
 from agents.rules import RuleReplica, fold_rule_versions
 from streams.kafka import faust_consumer
-from streams.kafka.connection import client_kwargs, faust_kwargs
+from streams.kafka.connection import client_kwargs, faust_kwargs, idempotent_faust_producer
 from streams.observability.lag import monitored_groups, run_in_thread as run_lag_monitor
 from streams.core.semantics import ReportingPolicy
 from streams.settings import Settings
@@ -101,6 +101,7 @@ def build_topology(settings: Settings) -> Topology:
         web_enabled=False,            # metrics are served by prometheus_client instead
         **faust_kwargs(s),            # credentials, TLS, topic_replication_factor (SPEC §8)
     )
+    idempotent_faust_producer(app)
     connection = client_kwargs(s)
     # -- sources -------------------------------------------------------------------------
     names = {key: s.topic(key + "_topic") for key in (

@@ -90,3 +90,16 @@ async def start_client(client: Any) -> Any:
         await (client.stop() if hasattr(client, "stop") else client.close())
         raise
     return client
+
+
+def idempotent_faust_producer(app: Any) -> None:
+    """Make the Faust app's own producer (it writes the rule table's changelog) use acks=all
+    with idempotence, like every other producer here; Faust enables idempotence only for
+    exactly_once, which tagstream does not use (docs/architecture.md)."""
+    from faust.transport.drivers.aiokafka import Producer
+
+    class IdempotentProducer(Producer):
+        def _settings_extra(self) -> dict[str, Any]:
+            return {"acks": "all", "enable_idempotence": True}
+
+    app.transport.Producer = IdempotentProducer

@@ -117,3 +117,10 @@ def test_no_client_is_built_around_the_connection_function():
             if re.search(r"bootstrap_servers\s*=|broker=s\.", line):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_the_faust_apps_own_producer_is_idempotent_too(tmp_path):
+    from streams.topology import build_topology
+    topology = build_topology(Settings.load({"data_dir": str(tmp_path)}, environ={}))
+    extra = topology.app.transport.Producer._settings_extra(None)
+    assert extra == {"acks": "all", "enable_idempotence": True}
