@@ -44,7 +44,7 @@ import gc
 import logging
 import time
 from collections import Counter
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -56,7 +56,7 @@ from schemas.validation import Rejection, decode_contact_event, decode_event_rec
 from streams.observability import metrics
 from streams.observability.hot_keys import HotKeys
 from streams.state.failpoints import failpoint
-from streams.core.merge import CoPartitionMerge
+from streams.core.merge import ASKED, CoPartitionMerge
 from streams.core.semantics import (
     CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, SeenEntry, StepResult)
 from streams.state.hold_buckets import ChunkedBucket
@@ -106,8 +106,9 @@ def _monotonic_ms() -> float:
     return time.monotonic() * 1000
 
 
-#: How long one end-offset probe may take before it counts as failed (the merge forces a
-#: head after `merge_wait` anyway; this only bounds how long a dead connection is awaited).
+#: How long one end-offset probe may take before it counts as failed. The merge waits for a
+#: probe's answer however slow (a loaded cluster is not an outage), so this bounds that wait;
+#: after a failure, heads wait at most `merge_wait` more.
 PROBE_TIMEOUT_MS = 2_000
 #: Pause after a failed probe before the next (the broker is likely down or moving leaders).
 PROBE_RETRY_S = 0.2
@@ -558,12 +559,14 @@ class CustomerEvents:
         # tests/integration/test_merge_catching_up.py.)
         return getattr(self.app.consumer, "next_offsets", {}).get(tp)
 
-    def _caught_up(self, tp: TP, since: float, probe: bool = True) -> Optional[bool]:
+    def _caught_up(self, tp: TP, since: float, probe: bool = True) -> Union[bool, str, None]:
         """Has this worker received every record that was in `tp` at (monotonic ms) `since`?
-        True; False (records are known to be waiting); or None (not known as of `since`:
-        then, with `probe`, an end-offset probe is started, which calls the merge again when
-        the broker answers). The end offsets known: the high-water mark of the last fetch
-        (of unknown age) and this agent's probes (sent at a known moment)."""
+        True; False (records are known to be waiting); or, not known as of `since`: with
+        `probe`, an end-offset probe is started, which calls the merge again when the broker
+        answers, and the answer is `merge.ASKED` (wait for it), or None if the last probe
+        failed (the broker is not answering: the merge waits at most `merge_wait`). The end
+        offsets known: the high-water mark of the last fetch (of unknown age) and this
+        agent's probes (sent at a known moment)."""
         known = []
         log_end = self.app.consumer.highwater(tp)
         if log_end is not None:
@@ -577,8 +580,9 @@ class CustomerEvents:
             return False
         if known and max(as_of for _, as_of in known) >= since:
             return True
-        if probe:
+        if probe and self.prober is not None:
             self._want_end_offset(tp)
+            return None if self.probe_failures else ASKED
         return None
 
     # -- end-offset probes -----------------------------------------------------------------
@@ -598,8 +602,11 @@ class CustomerEvents:
             wanted, self.probe_wanted = self.probe_wanted, set()
             sent = _monotonic_ms()
             try:
-                # aiokafka gives up after the client's request_timeout_ms (PROBE_TIMEOUT_MS)
-                ends = await self.prober.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in wanted])
+                # aiokafka gives up after the client's request_timeout_ms (PROBE_TIMEOUT_MS); the
+                # outer bound is for a connection that hangs anyway: the merge waits on this
+                ends = await asyncio.wait_for(
+                    self.prober.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in wanted]),
+                    2 * PROBE_TIMEOUT_MS / 1000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:      # the broker is down or moving: merge_wait bounds the cost

@@ -21,11 +21,14 @@ then lost its report (issue 16). `caught_up` answers:
 - True: received up to an end offset learned at or after `since`;
 - False: records are known to be waiting (received less than any known end offset): wait
   for them, however long the worker is busy elsewhere;
-- None: not known as of `since`. The agent asks the broker (a ListOffsets "probe", see
-  agents/customers.py) and calls `release` again when it answers. If the broker cannot
-  answer, the head waits at most `max_wait_ms` (the `merge_wait` setting) from the first
-  time the merge found the answer unknown, and then goes anyway, counted in
-  `forced["max_wait"]`.
+- `ASKED`: not known yet, and the broker has been asked (a ListOffsets "probe", see
+  agents/customers.py): wait for its answer; the agent calls `release` again when it comes.
+  A slow answer is not an outage: on a loaded secured cluster a probe can take longer than
+  `merge_wait`, and counting that wait as one forced thousands of heads out of ts order
+  (the cluster chaos run of issue 19). The probe itself times out, so this wait is bounded;
+- None: not known, and the broker is not answering (the last probe failed). The head waits
+  at most `max_wait_ms` (the `merge_wait` setting) from the first time the merge found the
+  answer unknown this way, and then goes anyway, counted in `forced["max_wait"]`.
 
 This is Kafka Streams' KIP-695 decision (wait while the other partition's lag is unknown
 or non-zero, up to `max.task.idle.ms`) with one difference: Kafka Streams trusts the lag
@@ -41,12 +44,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Hashable, Iterator, Optional, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, Optional, TypeVar, Union
 
 Item = TypeVar("Item")
 
-#: caught_up(source, since_ms) -> True / False / None, as the module docstring says
-CaughtUp = Callable[[Hashable, float], Optional[bool]]
+#: `caught_up`'s answer while the broker's answer is on its way (see the module docstring)
+ASKED = "asked"
+#: caught_up(source, since_ms) -> True / False / ASKED / None, as the module docstring says
+CaughtUp = Callable[[Hashable, float], Union[bool, str, None]]
 #: () -> now, in the milliseconds of the arrival times given to `offer` (monotonic)
 Clock = Callable[[], float]
 
@@ -112,10 +117,11 @@ class PartitionMerge(Generic[Item]):
             head = self.buffers[source][0]
             if len(heads) < len(self.sources):
                 states = [caught_up(s, head[ARRIVED]) for s, b in self.buffers.items() if not b]
-                if not all(states):
+                if any(state is not True for state in states):
                     now_ms = clock()
                     hold = self._hold(head, now_ms)
-                    if False not in states and hold[2] is None:
+                    unanswerable = all(state is True or state is None for state in states)
+                    if unanswerable and hold[2] is None:
                         # `merge_wait` runs from here: not from the head's arrival (a worker
                         # busy with a large batch of other partitions may look at it seconds
                         # later; that delay is the worker's, not the broker's), nor from a
@@ -124,7 +130,7 @@ class PartitionMerge(Generic[Item]):
                         hold[2] = now_ms
                     if len(self) > max_buffered:
                         stats.forced["max_buffered"] += 1
-                    elif False not in states and now_ms - hold[2] >= max_wait_ms:
+                    elif unanswerable and now_ms - hold[2] >= max_wait_ms:
                         stats.forced["max_wait"] += 1
                     else:
                         return

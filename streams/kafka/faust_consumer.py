@@ -20,6 +20,7 @@ needs to tell "records waiting" from "caught up" before anything has arrived
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -155,10 +156,54 @@ class BatchingConsumer(RewindingConsumer):
         # positions: put them back where the handler starts.
         await self._thread.seek_wait(next_offsets)
         self.next_offsets, self.refetching = next_offsets, frozenset()
+        self.handed_at = time.monotonic()
         if generation == self.app.consumer_generation_id:
             self.positioned_generation = generation
 
+    #: how long input records may wait unhanded, with the rule book ready, before the
+    #: consumer says so (and, if this generation was never positioned, positions it)
+    STALL_S = 20.0
+    handed_at: float = 0.0        # monotonic time of the last batch handed over (or of the seek)
+    watched_at: float = 0.0
+
+    def _watch_progress(self) -> None:
+        """Every few seconds: are records waiting on an input partition while nothing has
+        been handed over for `STALL_S`? Then say why, in one warning with the consumer's
+        state, so a stall is never silent; a generation that was never positioned (its seek
+        was cut short) is positioned now, since until then every batch is dropped."""
+        now = time.monotonic()
+        if now - self.watched_at < 5 or not self.batch_ready() or now - self.handed_at < self.STALL_S:
+            return
+        self.watched_at = now
+        waiting = {tp: (self.next_offsets.get(tp), self.highwater(tp)) for tp in self.assignment()
+                   if tp.topic in self.batch_topics and self.highwater(tp) is not None
+                   and self.next_offsets.get(tp) is not None and self.highwater(tp) > self.next_offsets[tp]}
+        if not waiting:
+            return
+        generation = self.app.consumer_generation_id
+        metrics.INPUT_STALLS.inc()
+        self.log.warning(
+            "no input handed over for %.0f s while %d partitions have records waiting (e.g. %s): "
+            "generation %s, positioned %s, flow %s, paused %d, held %d, refetching %d",
+            now - self.handed_at, len(waiting),
+            ", ".join(f"{tp.topic}[{tp.partition}] next {a} end {b}" for tp, (a, b) in sorted(waiting.items())[:3]),
+            generation, self.positioned_generation, "active" if self.flow_active else "stopped",
+            len(self._paused_partitions), len(self.held), len(self.refetching))
+        if self.flow_active and self.positioned_generation != generation and not self.seeking:
+            self.log.warning("positioning generation %s now: its seek never completed", generation)
+            self.seeking = True
+            self.add_future(self._position_now())
+
+    seeking: bool = False
+
+    async def _position_now(self) -> None:
+        try:
+            await self.perform_seek()
+        finally:
+            self.seeking = False
+
     async def _wait_next_records(self, timeout: float):
+        self._watch_progress()
         if self.held and self.batch_ready():
             self.resume_partitions({tp for tp in self.assignment() if tp in self.held})
             self.log.info("rule book ready: resumed %d held input partitions", len(self.held))
@@ -191,6 +236,7 @@ class BatchingConsumer(RewindingConsumer):
                 return records, active
             for tp, batch in taken.items():
                 self.next_offsets[tp] = batch[-1].offset + 1
+            self.handed_at = time.monotonic()
             await self.batch_handler(taken)
             for tp, batch in taken.items():
                 self._read_offset[tp] = batch[-1].offset

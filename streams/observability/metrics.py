@@ -55,6 +55,11 @@ MERGE_END_OFFSET_PROBES = Counter(
     "tagstream_merge_end_offset_probes_total",
     "ListOffsets requests the event-time merge sent to learn the other event topic's end offset, by outcome",
     ["outcome"])
+INPUT_STALLS = Counter(
+    "tagstream_input_stalls_total",
+    "Times the worker's consumer found input records waiting while it had handed none over for "
+    "20 s with the rule book ready (each also logged as a warning with the consumer's state)",
+)
 INPUT_REFETCHES = Counter(
     "tagstream_input_refetches_total",
     "Input partitions sought back because records before a fetched batch were dropped on the way "

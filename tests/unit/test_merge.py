@@ -2,8 +2,9 @@
 
 `caught_up(source, since)` stands for what the agent knows about the other topic's
 partition: True (received everything that was in it at `since`), False (records known to
-be waiting) or None (not known as of `since`)."""
-from streams.core.merge import CoPartitionMerge
+be waiting), ASKED (not known yet, the broker's answer is on its way) or None (not known,
+and the broker is not answering)."""
+from streams.core.merge import ASKED, CoPartitionMerge
 
 CONTACTS, TAGS = "contacts", "tags"
 
@@ -72,6 +73,36 @@ def test_a_head_waits_at_most_max_wait_when_the_other_topic_is_unknown():
     assert list(m.release(0, always(None), lambda: 1499)) == []
     assert list(m.release(0, always(None), lambda: 1500)) == ["tag@20"]
     assert m.forced == {"max_wait": 1, "max_buffered": 0}
+
+
+def test_a_slow_answer_is_awaited_and_max_wait_runs_only_once_the_broker_stops_answering():
+    """Found by the cluster chaos run (issue 19): probes slower than `merge_wait` on a loaded
+    secured cluster forced thousands of heads out of ts order. While a probe is on its way
+    the head waits; `max_wait` starts when the answer is known to be unavailable."""
+    answer = {CONTACTS: ASKED}
+    caught_up = lambda source, since: answer[source]
+    m = merge(max_wait_ms=500)
+    m.offer(0, TAGS, 20, "tag@20", now_ms=1000)
+    assert list(m.release(0, caught_up, lambda: 1000)) == []
+    assert list(m.release(0, caught_up, lambda: 5000)) == []        # long past max_wait: still asked
+    answer[CONTACTS] = None                                          # the probe failed
+    assert list(m.release(0, caught_up, lambda: 5001)) == []
+    assert list(m.release(0, caught_up, lambda: 5500)) == []
+    assert list(m.release(0, caught_up, lambda: 5501)) == ["tag@20"]
+    assert m.forced == {"max_wait": 1, "max_buffered": 0}
+
+
+def test_a_slow_answer_that_comes_releases_in_order_without_forcing():
+    answer = {CONTACTS: ASKED}
+    m = merge(max_wait_ms=500)
+    m.offer(0, TAGS, 20, "tag@20", now_ms=1000)
+    assert list(m.release(0, lambda s, since: answer[s], lambda: 3000)) == []
+    answer[CONTACTS] = False                          # the answer: a contact is waiting
+    assert list(m.release(0, lambda s, since: answer[s], lambda: 3050)) == []
+    m.offer(0, CONTACTS, 10, "contact@10", now_ms=3100)
+    answer[CONTACTS] = True                           # ... and it was the last one
+    assert list(m.release(0, lambda s, since: answer[s], lambda: 3100)) == ["contact@10", "tag@20"]
+    assert m.forced == {"max_wait": 0, "max_buffered": 0}
 
 
 def test_max_wait_runs_from_when_the_merge_first_found_the_head_blocked_not_from_arrival():
