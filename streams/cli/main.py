@@ -3,6 +3,7 @@
     tagstream run       the whole demo on the local broker: worker, sink, generated load
     tagstream worker    the Faust agents (SPEC §4)
     tagstream sink      deliver reports to the Marketing API (--target api), a file or stdout
+    tagstream ingest    the HTTP server for WeCom's callbacks (SPEC §7) -> wecom-callbacks
     tagstream replay    historic events (a topic time range or NDJSON archives) -> reports
     tagstream archive   write a time range of the input topics to an NDJSON archive
     tagstream load      produce sample rules and a generated event stream
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "tagstream sink --target api\n"
                 "  tagstream sink --target file:reports.ndjson")
     p.add_argument("--target", required=True, help="api (the Marketing API), file:PATH (NDJSON) or stdout")
+
+    command("ingest", "serve WeCom's callbacks: verify, decrypt, write to wecom-callbacks, answer",
+            "The HTTP server WeCom calls back, for the corps in TAGSTREAM_WECOM_CORPS_FILE:\n"
+            "GET and POST /wecom/<corp_id>/callback (URL verification and events), /healthz and\n"
+            "/metrics, on TAGSTREAM_INGEST_LISTEN. A callback is answered only after it is written\n"
+            "to wecom-callbacks with acks=all; one that fails verification gets a 4xx, is counted\n"
+            "and writes nothing. docs/ingest.md has the corps file and each refusal.\n\n"
+            "example:\n  TAGSTREAM_WECOM_CORPS_FILE=wecom-corps.yaml tagstream ingest --ingest-listen 0.0.0.0:8480")
 
     p = command("load", "produce sample reporting rules and a generated event stream",
                 "Produce the sample rules, then N generated events. Example: tagstream load --events 10000")
@@ -216,6 +225,25 @@ def cmd_sink(args, settings: Settings) -> int:
         print(f"tagstream sink: {summary}", file=sys.stderr)
     else:
         print(f"tagstream sink: wrote {outcome} reports to {args.target}", file=sys.stderr)
+    return 0
+
+
+def cmd_ingest(args, settings: Settings) -> int:
+    from streams.kafka.admin import ensure_topics
+    from streams.wecom.corps import load_corps
+    from streams.wecom.ingest import serve
+    corps = load_corps(settings)
+    _logging(settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await ensure_topics(settings)
+        await serve(settings, corps, stop)
+
+    asyncio.run(run())
     return 0
 
 
@@ -366,7 +394,7 @@ def cmd_run(args, settings: Settings) -> int:
                     reports_file=args.reports_file)
 
 
-COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "load": cmd_load,
+COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "ingest": cmd_ingest, "load": cmd_load,
             "replay": cmd_replay, "archive": cmd_archive,
             "topics": cmd_topics, "lag": cmd_lag, "topology": cmd_topology, "settings": cmd_settings}
 

@@ -214,6 +214,19 @@ def _on_gc(phase: str, info: dict) -> None:
 _on_gc.started = None
 
 
+# -- the WeCom ingest (SPEC §7) -------------------------------------------------------------
+WECOM_CALLBACKS = Counter(
+    "tagstream_wecom_callbacks_total",
+    "WeCom callbacks by kind (url_verification, or the event and change type; `unknown` before "
+    "decryption) and outcome (accepted, or the refusal's reason: bad_signature, stale_timestamp, ...)",
+    ["kind", "outcome"])
+WECOM_ANSWER_SECONDS = Histogram(
+    "tagstream_wecom_callback_answer_seconds",
+    "Time from a callback's arrival to the ingest's answer (the accepted ones include the "
+    "acks=all write to wecom-callbacks)",
+    ["method"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
 def serve(port: int) -> None:
     """Expose /metrics on 127.0.0.1:port (no-op for port 0)."""
     if port:

@@ -209,3 +209,56 @@ class SinkProcess:
         if self.process and self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(60)
+
+
+class IngestProcess:
+    """`tagstream ingest` in a child process, on a pipeline's topics, for `corps`
+    ({corp_id: (token, encoding_aes_key, contact_secret, wechat_app_id)}), whose secrets it
+    reads from files written here (the corps file names them, never holds them)."""
+
+    def __init__(self, pipeline: Pipeline, corps: dict[str, tuple], log_path: Path, **overrides: str):
+        secrets = pipeline.tmp_dir / "secrets"
+        secrets.mkdir(exist_ok=True)
+        lines = ["corps:"]
+        for corp_id, (token, aes_key, contact_secret, app_id) in corps.items():
+            for name, value in (("token", token), ("encoding_aes_key", aes_key), ("contact_secret", contact_secret)):
+                (secrets / f"{corp_id}.{name}").write_text(value)
+            lines += [f"  - corp_id: {corp_id}", f"    wechat_app_id: {app_id}"]
+            lines += [f"    {name}_file: {secrets / f'{corp_id}.{name}'}"
+                      for name in ("token", "encoding_aes_key", "contact_secret")]
+        corps_file = pipeline.tmp_dir / "wecom-corps.yaml"
+        corps_file.write_text("\n".join(lines) + "\n")
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **pipeline.settings.to_environ(), "TAGSTREAM_WECOM_CORPS_FILE": str(corps_file),
+                    "TAGSTREAM_INGEST_LISTEN": f"127.0.0.1:{self.port}",
+                    **{"TAGSTREAM_" + k.upper(): v for k, v in overrides.items()}}
+        self.log_path = log_path
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 60.0) -> "IngestProcess":
+        import urllib.request
+        self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "ingest"], env=self.env, cwd=REPO,
+                                        stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(self.base_url + "/healthz", timeout=1) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+        wait_until(healthy, timeout, "the ingest to answer /healthz", self)
+        return self
+
+    def metrics(self) -> Optional[dict]:
+        return scrape(self.port)           # the ingest serves /metrics on its own port
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,186 @@
+"""`tagstream ingest`: the HTTP server WeCom calls back (SPEC §7, WECOM.md §1).
+
+    GET  /wecom/{corp_id}/callback   URL verification: answer the decrypted echostr
+    POST /wecom/{corp_id}/callback   an event: verify, decrypt, write to wecom-callbacks, answer
+    GET  /healthz                    200 once the producer is connected
+    GET  /metrics                    Prometheus
+
+A POST is checked in this order, and the first failure is the answer, counted in
+`tagstream_wecom_callbacks_total{kind="unknown", outcome=<reason>}`, with nothing written:
+
+| check | refusal |
+|---|---|
+| the corp is configured | 404 `unknown_corp` |
+| the body is at most 64 KiB | 413 `too_large` |
+| `msg_signature`, `timestamp`, `nonce` are present | 400 `missing_parameter` |
+| the timestamp is within `callback_max_age` of this clock | 403 `stale_timestamp` |
+| the envelope is flat XML without DTD or entities | 400 `bad_xml` |
+| the signature matches the corp's token | 403 `bad_signature` |
+| the ciphertext decrypts with the corp's key | 400 `bad_ciphertext` |
+| the receive id is the corp id | 403 `wrong_receive_id` |
+| the message is flat XML | 400 `bad_xml` |
+
+Then the callback is written to `wecom-callbacks` with acks=all, and only after the broker's
+acknowledgement does WeCom get its 200: a callback that was answered is durable. If the write
+fails the answer is 503 and WeCom retries (`outcome="not_written"`). A retry, identical or
+re-signed, is written again; the enrichment's ids come from its content, so it makes no
+second event.
+
+Nothing here logs a secret, a ciphertext or a decrypted message: a refusal is logged with
+its reason and the corp id only.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streams.kafka import connection
+from streams.observability import metrics
+from streams.settings import Settings
+from streams.wecom.corps import Corp
+from streams.wecom.crypto import Refused
+from streams.wecom.messages import MAX_BODY_BYTES, Callback, Envelope, parse_flat
+
+log = logging.getLogger(__name__)
+
+#: the event and change types a metric label may carry (anything else is `other`)
+KNOWN_KINDS = frozenset({
+    "change_external_contact:add_external_contact", "change_external_contact:edit_external_contact",
+    "change_external_contact:add_half_external_contact", "change_external_contact:del_external_contact",
+    "change_external_contact:del_follow_user", "change_external_contact:transfer_fail",
+    "change_external_tag:create", "change_external_tag:update", "change_external_tag:delete",
+    "change_external_tag:shuffle"})
+STATUS = {"unknown_corp": 404, "too_large": 413, "missing_parameter": 400, "stale_timestamp": 403,
+          "bad_xml": 400, "bad_signature": 403, "bad_ciphertext": 400, "wrong_receive_id": 403}
+
+
+def kind_of(callback: Callback) -> str:
+    kind = f"{callback.event}:{callback.change_type}"
+    return kind if kind in KNOWN_KINDS else "other"
+
+
+class CallbackIngest:
+    """The callbacks of `corps`, verified and written to `wecom-callbacks`."""
+
+    def __init__(self, settings: Settings, corps: dict[str, Corp], *, clock=time.time):
+        self.settings = settings
+        self.corps = corps
+        self.clock = clock
+        self.topic = settings.topic("wecom_callbacks_topic")
+        self.producer: Optional[AIOKafkaProducer] = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.producer = AIOKafkaProducer(**connection.producer_kwargs(self.settings, linger_ms=0),
+                                         client_id="tagstream-ingest")
+        await connection.start_client(self.producer)
+
+    async def stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
+        app.add_routes([web.get("/wecom/{corp_id}/callback", self.url_verification),
+                        web.post("/wecom/{corp_id}/callback", self.event),
+                        web.get("/healthz", self.healthz),
+                        web.get("/metrics", self.metrics)])
+        return app
+
+    # -- handlers ---------------------------------------------------------------------------
+    async def url_verification(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            corp = self._corp(request)
+            query = self._signed_query(request, ("echostr",))
+            corp.crypto.verify(query["msg_signature"], query["timestamp"], query["nonce"], query["echostr"])
+            echo = corp.crypto.decrypt(query["echostr"], corp.corp_id)
+        except Refused as refused:
+            return self._refuse(request, refused, "GET", started)
+        metrics.WECOM_CALLBACKS.labels("url_verification", "accepted").inc()
+        metrics.WECOM_ANSWER_SECONDS.labels("GET").observe(time.perf_counter() - started)
+        return web.Response(body=echo, content_type="text/plain")
+
+    async def event(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            corp = self._corp(request)
+            body = await self._body(request)
+            query = self._signed_query(request, ())
+            envelope = Envelope.parse(body)
+            corp.crypto.verify(query["msg_signature"], query["timestamp"], query["nonce"], envelope.encrypted)
+            message = corp.crypto.decrypt(envelope.encrypted, corp.corp_id)
+            callback = Callback(corp.corp_id, parse_flat(message, "message"), int(self.clock() * 1000))
+        except Refused as refused:
+            return self._refuse(request, refused, "POST", started)
+        kind = kind_of(callback)
+        try:
+            await (await self.producer.send(self.topic, key=callback.key(), value=callback.to_wire()))
+        except Exception as exc:        # the broker is unreachable or refused: WeCom retries
+            metrics.WECOM_CALLBACKS.labels(kind, "not_written").inc()
+            log.warning("callback of corp %s not written to %s (%s); answered 503, WeCom retries",
+                        corp.corp_id, self.topic, type(exc).__name__)
+            return web.Response(status=503, text="not_written")
+        metrics.WECOM_CALLBACKS.labels(kind, "accepted").inc()
+        metrics.WECOM_ANSWER_SECONDS.labels("POST").observe(time.perf_counter() - started)
+        return web.Response(text="")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok") if self.producer is not None else web.Response(status=503, text="starting")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- checks -----------------------------------------------------------------------------
+    def _corp(self, request: web.Request) -> Corp:
+        corp = self.corps.get(request.match_info["corp_id"])
+        if corp is None:
+            raise Refused("unknown_corp")
+        return corp
+
+    async def _body(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise Refused("too_large")
+        body = await request.content.read(MAX_BODY_BYTES + 1)
+        if len(body) > MAX_BODY_BYTES:
+            raise Refused("too_large")
+        return body
+
+    def _signed_query(self, request: web.Request, extra: tuple[str, ...]) -> dict[str, str]:
+        query = {name: request.query.get(name, "") for name in ("msg_signature", "timestamp", "nonce") + extra}
+        missing = [name for name, value in query.items() if not value]
+        if missing:
+            raise Refused("missing_parameter", missing[0])
+        timestamp = query["timestamp"]
+        if not timestamp.isdigit() or abs(self.clock() - int(timestamp)) * 1000 > self.settings.callback_max_age:
+            raise Refused("stale_timestamp")
+        return query
+
+    def _refuse(self, request: web.Request, refused: Refused, method: str, started: float) -> web.Response:
+        metrics.WECOM_CALLBACKS.labels("unknown", refused.reason).inc()
+        metrics.WECOM_ANSWER_SECONDS.labels(method).observe(time.perf_counter() - started)
+        log.info("refused a %s callback for %r: %s", method, request.match_info.get("corp_id", "")[:64], refused.reason)
+        return web.Response(status=STATUS.get(refused.reason, 400), text=refused.reason)
+
+
+async def serve(settings: Settings, corps: dict[str, Corp], stop: asyncio.Event) -> None:
+    """Run the ingest until `stop` is set."""
+    ingest = CallbackIngest(settings, corps)
+    await ingest.start()
+    runner = web.AppRunner(ingest.app(), access_log=None)
+    await runner.setup()
+    host, _, port = settings.ingest_listen.rpartition(":")
+    site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+    try:
+        await site.start()
+        log.info("ingest listening on %s for %d corps", settings.ingest_listen, len(corps))
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await ingest.stop()
