@@ -408,7 +408,7 @@ class CustomerEvents:
                 linger_ms=1, max_batch_size=PRODUCER_BATCH_BYTES, max_request_size=2 * PRODUCER_BATCH_BYTES)
             await self.producer.start()
             self.prober = AIOKafkaConsumer(
-                **self.connection, group_id=None, enable_auto_commit=False,
+                **self.connection, group_id=None, enable_auto_commit=False, isolation_level="read_committed",
                 request_timeout_ms=PROBE_TIMEOUT_MS, client_id="tagstream-merge-probe")
             await self.prober.start()
             self.started = True

@@ -74,6 +74,7 @@ class Settings:
     retry_reports_topic: str = _setting("conversion-reports-retry", "reports the sink parked for a later attempt (non-blocking retries; as many partitions as conversion-reports)")
     wecom_callbacks_topic: str = _setting("wecom-callbacks", "verified, decrypted WeCom callbacks, written before WeCom gets its answer")
     wecom_tags_topic: str = _setting("wecom-tags", "each corp's tag catalogue (compacted; kept by the ingest)")
+    wecom_snapshots_topic: str = _setting("wecom-snapshots", "each relationship's corp tags as last seen (compacted; the enrichment's table, partitioned like wecom-callbacks)")
     ad_clicks_topic: str = _setting("ad-clicks", "click ids by corp_id:state (compacted; written by whoever builds the ad's contact link)")
     # the WeCom ingest (SPEC §7)
     wecom_corps_file: str = _setting("", "YAML file of the corps whose callbacks the ingest takes (docs/ingest.md); their secrets come from files or TAGSTREAM_WECOM_<CORP_ID>_* variables, never from this file")

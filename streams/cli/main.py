@@ -4,6 +4,7 @@
     tagstream worker    the Faust agents (SPEC §4)
     tagstream sink      deliver reports to the Marketing API (--target api), a file or stdout
     tagstream ingest    the HTTP server for WeCom's callbacks (SPEC §7) -> wecom-callbacks
+    tagstream enrich    wecom-callbacks -> tag and contact events (WeCom API, snapshots, exactly once)
     tagstream replay    historic events (a topic time range or NDJSON archives) -> reports
     tagstream archive   write a time range of the input topics to an NDJSON archive
     tagstream load      produce sample rules and a generated event stream
@@ -79,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
             "to wecom-callbacks with acks=all; one that fails verification gets a 4xx, is counted\n"
             "and writes nothing. docs/ingest.md has the corps file and each refusal.\n\n"
             "example:\n  TAGSTREAM_WECOM_CORPS_FILE=wecom-corps.yaml tagstream ingest --ingest-listen 0.0.0.0:8480")
+
+    command("enrich", "turn WeCom's callbacks into tag and contact events, exactly once",
+            "A consumer group (<app id>-enrich) on wecom-callbacks. For each callback it calls\n"
+            "WeCom's externalcontact/get, compares the staff member's corp tags with the last\n"
+            "snapshot of that relationship, and writes a tag event per difference (ids derived\n"
+            "from the snapshot version, so retries and restarts repeat ids, never events), a\n"
+            "contact event for adds and deletes (click id from ad-clicks by state), and the tag\n"
+            "catalogue to wecom-tags. Events, snapshots and offsets go in one transaction per\n"
+            "partition. Needs the corps file (contact secrets), like the ingest.\n\n"
+            "example:\n  TAGSTREAM_WECOM_CORPS_FILE=wecom-corps.yaml tagstream enrich")
 
     p = command("load", "produce sample reporting rules and a generated event stream",
                 "Produce the sample rules, then N generated events. Example: tagstream load --events 10000")
@@ -247,6 +258,27 @@ def cmd_ingest(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_enrich(args, settings: Settings) -> int:
+    from streams.kafka.admin import ensure_topics
+    from streams.wecom.api import WeComClient
+    from streams.wecom.corps import load_corps
+    from streams.wecom.enrich import Enrichment
+    corps = load_corps(settings)
+    _logging(settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await ensure_topics(settings)
+        async with WeComClient(settings, corps) as client:
+            await Enrichment(settings, corps, client).run(stop)
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_load(args, settings: Settings) -> int:
     import itertools
     from streams.kafka.admin import ensure_topics
@@ -394,7 +426,7 @@ def cmd_run(args, settings: Settings) -> int:
                     reports_file=args.reports_file)
 
 
-COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "ingest": cmd_ingest, "load": cmd_load,
+COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "ingest": cmd_ingest, "enrich": cmd_enrich, "load": cmd_load,
             "replay": cmd_replay, "archive": cmd_archive,
             "topics": cmd_topics, "lag": cmd_lag, "topology": cmd_topology, "settings": cmd_settings}
 

@@ -81,6 +81,9 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS     # read when the consumer starts
+        # The enrichment writes events in transactions (streams/wecom/enrich.py): an aborted
+        # one's events must never be applied. Faust reads committed only under exactly_once.
+        consumer._isolation_level = "read_committed"
         return consumer
 
 

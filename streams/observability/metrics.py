@@ -227,6 +227,28 @@ WECOM_ANSWER_SECONDS = Histogram(
     ["method"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 
+WECOM_API_CALLS = Counter(
+    "tagstream_wecom_api_calls_total",
+    "WeCom API calls by API and errcode (0 is success; http_5xx and exception names for "
+    "transport failures)",
+    ["api", "errcode"])
+WECOM_TOKEN_REFRESHES = Counter(
+    "tagstream_wecom_token_refreshes_total",
+    "WeCom access tokens fetched, by reason: first, expiry, or the errcode that refused the old one",
+    ["reason"])
+
+
+WECOM_ENRICHED = Counter(
+    "tagstream_wecom_callbacks_enriched_total",
+    "Callbacks the enrichment took, by outcome: committed (their events are written), "
+    "retry_later (WeCom kept refusing; sought back), dead_lettered (a permanent errcode), ignored",
+    ["outcome"])
+WECOM_TAG_EVENTS = Counter(
+    "tagstream_wecom_tag_events_total",
+    "Tag events the enrichment derived from snapshot diffs (an aborted transaction's are counted "
+    "again when they are redone)")
+
+
 def serve(port: int) -> None:
     """Expose /metrics on 127.0.0.1:port (no-op for port 0)."""
     if port:

@@ -212,11 +212,14 @@ class SinkProcess:
 
 
 class IngestProcess:
-    """`tagstream ingest` in a child process, on a pipeline's topics, for `corps`
-    ({corp_id: (token, encoding_aes_key, contact_secret, wechat_app_id)}), whose secrets it
-    reads from files written here (the corps file names them, never holds them)."""
+    """`tagstream ingest` (or, with `command="enrich"`, `tagstream enrich`) in a child process,
+    on a pipeline's topics, for `corps` ({corp_id: (token, encoding_aes_key, contact_secret,
+    wechat_app_id)}), whose secrets it reads from files written here (the corps file names
+    them, never holds them)."""
 
-    def __init__(self, pipeline: Pipeline, corps: dict[str, tuple], log_path: Path, **overrides: str):
+    def __init__(self, pipeline: Pipeline, corps: dict[str, tuple], log_path: Path, command: str = "ingest",
+                 **overrides: str):
+        self.command = command
         secrets = pipeline.tmp_dir / "secrets"
         secrets.mkdir(exist_ok=True)
         lines = ["corps:"]
@@ -238,9 +241,11 @@ class IngestProcess:
 
     def start(self, timeout: float = 60.0) -> "IngestProcess":
         import urllib.request
-        self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "ingest"], env=self.env, cwd=REPO,
+        self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", self.command], env=self.env, cwd=REPO,
                                         stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                         start_new_session=True)
+        if self.command != "ingest":
+            return self
 
         def healthy() -> bool:
             try:

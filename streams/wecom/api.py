@@ -1,0 +1,197 @@
+"""The WeCom API client (SPEC §7, WECOM.md §4): tokens, retries, a per-corp rate limit.
+
+- **Tokens.** `gettoken` per corp with its contact secret, cached until shortly before
+  `expires_in`. A call answered 40014 (invalid) or 42001 (expired) gets a fresh token and is
+  sent once more; a second refusal is an error (the secret or the corp is wrong).
+- **Retries.** -1 (busy), 45009 (frequency limit), 45033 (concurrency), HTTP 5xx, timeouts
+  and refused connections are retried with exponential backoff and full jitter, for at most
+  `retry_budget_s`; then `WeComUnavailable` (the caller keeps the callback and tries later).
+- **Permanent errors** (anything else, e.g. 84061: no such contact) raise `WeComError` with
+  the errcode, which the enrichment dead-letters.
+- **Rate limit.** Each (corp, API) has a token bucket of `wecom_rate_limit` calls per minute,
+  below WeCom's 10,000 (WECOM.md §4): one busy corp waits for its own bucket, nobody else's.
+
+The access token is a secret: it is sent in the query string, as WeCom requires, and never
+logged (aiohttp logs no URLs here; errors are reported by API name and errcode only).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import aiohttp
+
+from streams.observability import metrics
+from streams.settings import Settings
+from streams.wecom.corps import Corp
+
+RETRYABLE = frozenset({-1, 45009, 45033})
+TOKEN_REFUSED = frozenset({40014, 42001})
+#: a cached token is renewed this long before WeCom says it expires
+TOKEN_MARGIN_S = 300
+
+
+class WeComError(Exception):
+    """A permanent refusal: the errcode and WeCom's message (no secrets in either)."""
+
+    def __init__(self, api: str, errcode: int, errmsg: str = ""):
+        super().__init__(f"{api}: errcode {errcode} {errmsg}".strip())
+        self.api, self.errcode, self.errmsg = api, errcode, errmsg
+
+
+class WeComUnavailable(Exception):
+    """Retries ran out (busy, rate limited, 5xx, timeouts): try again later."""
+
+
+@dataclass
+class _Bucket:
+    capacity: float
+    per_second: float
+    tokens: float
+    at: float
+
+    async def take(self, clock: Callable[[], float]) -> None:
+        while True:
+            now = clock()
+            self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.per_second)
+            self.at = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await asyncio.sleep((1 - self.tokens) / self.per_second)
+
+
+class WeComClient:
+    """Calls WeCom's API for the configured corps."""
+
+    def __init__(self, settings: Settings, corps: dict[str, Corp], *, retry_budget_s: float = 30.0,
+                 backoff_base_s: float = 0.1, backoff_cap_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+        self.base = settings.wecom_api_base.rstrip("/") + "/"
+        self.corps = corps
+        self.rate_per_minute = settings.wecom_rate_limit
+        self.timeout = aiohttp.ClientTimeout(total=settings.wecom_request_timeout / 1000)
+        self.retry_budget_s = retry_budget_s
+        self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
+        self.clock, self.wall_clock = clock, wall_clock
+        self.tokens: dict[str, tuple[str, float]] = {}          # corp -> (token, renew at, wall clock)
+        self.token_locks: dict[str, asyncio.Lock] = {}
+        self.buckets: dict[tuple[str, str], _Bucket] = {}
+        self.session: Optional[aiohttp.ClientSession] = None
+
+    async def __aenter__(self) -> "WeComClient":
+        self.session = aiohttp.ClientSession(timeout=self.timeout)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    # -- the calls the ingest makes -----------------------------------------------------------
+    async def get_contact(self, corp_id: str, external_userid: str) -> dict:
+        """externalcontact/get, every page of follow users merged."""
+        result: Optional[dict] = None
+        cursor = ""
+        while True:
+            page = await self.call(corp_id, "GET", "externalcontact/get",
+                                   params={"external_userid": external_userid, **({"cursor": cursor} if cursor else {})})
+            if result is None:
+                result = page
+            else:
+                result["follow_user"].extend(page.get("follow_user", []))
+            cursor = page.get("next_cursor") or ""
+            if not cursor:
+                return result
+
+    async def get_corp_tag_list(self, corp_id: str) -> list[dict]:
+        return (await self.call(corp_id, "POST", "externalcontact/get_corp_tag_list", json={})).get("tag_group", [])
+
+    async def mark_tag(self, corp_id: str, userid: str, external_userid: str, add: list, remove: list) -> None:
+        await self.call(corp_id, "POST", "externalcontact/mark_tag",
+                        json={"userid": userid, "external_userid": external_userid, "add_tag": add, "remove_tag": remove})
+
+    async def batch_get_by_user(self, corp_id: str, userids: list[str], cursor: str = "", limit: int = 100) -> dict:
+        return await self.call(corp_id, "POST", "externalcontact/batch/get_by_user",
+                               json={"userid_list": userids, "cursor": cursor, "limit": limit})
+
+    # -- the machinery ----------------------------------------------------------------------------
+    async def call(self, corp_id: str, method: str, api: str, *, params: Optional[dict] = None,
+                   json: Any = None) -> dict:
+        """One API call with a token, retried as the module docstring says; the answer's JSON."""
+        deadline = self.clock() + self.retry_budget_s
+        attempt = 0
+        refreshed = False
+        while True:
+            token = await self._token(corp_id)
+            await self._bucket(corp_id, api).take(self.clock)
+            errcode, answer = await self._send(method, api, {**(params or {}), "access_token": token}, json)
+            if errcode == 0:
+                return answer
+            if errcode in TOKEN_REFUSED and not refreshed:
+                refreshed = True
+                self._drop_token(corp_id, token)
+                metrics.WECOM_TOKEN_REFRESHES.labels(str(errcode)).inc()
+                continue
+            if errcode not in RETRYABLE and errcode is not None:
+                raise WeComError(api, errcode, answer.get("errmsg", "") if answer else "")
+            attempt += 1
+            pause = random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** attempt))
+            if self.clock() + pause > deadline:
+                raise WeComUnavailable(f"{api} for corp {corp_id}: still {errcode if errcode is not None else 'failing'} "
+                                       f"after {attempt} attempts in {self.retry_budget_s:.0f} s")
+            await asyncio.sleep(pause)
+
+    async def _send(self, method: str, api: str, params: dict, json: Any) -> tuple[Optional[int], Optional[dict]]:
+        """(errcode, answer); errcode None for a transport failure or a 5xx (retryable)."""
+        try:
+            async with self.session.request(method, self.base + api, params=params, json=json) as response:
+                if response.status >= 500:
+                    metrics.WECOM_API_CALLS.labels(api, f"http_{response.status}").inc()
+                    return None, None
+                answer = await response.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            metrics.WECOM_API_CALLS.labels(api, type(exc).__name__).inc()
+            return None, None
+        errcode = int(answer.get("errcode", 0) or 0)
+        metrics.WECOM_API_CALLS.labels(api, str(errcode)).inc()
+        return errcode, answer
+
+    async def _token(self, corp_id: str) -> str:
+        cached = self.tokens.get(corp_id)
+        if cached and self.wall_clock() < cached[1]:
+            return cached[0]
+        async with self.token_locks.setdefault(corp_id, asyncio.Lock()):
+            cached = self.tokens.get(corp_id)
+            if cached and self.wall_clock() < cached[1]:
+                return cached[0]
+            corp = self.corps[corp_id]
+            deadline = self.clock() + self.retry_budget_s
+            attempt = 0
+            while True:
+                errcode, answer = await self._send("GET", "gettoken",
+                                                   {"corpid": corp_id, "corpsecret": corp.contact_secret}, None)
+                if errcode == 0:
+                    ttl = int(answer.get("expires_in", 7200))
+                    self.tokens[corp_id] = (answer["access_token"], self.wall_clock() + max(ttl - TOKEN_MARGIN_S, ttl / 2))
+                    metrics.WECOM_TOKEN_REFRESHES.labels("expiry" if cached else "first").inc()
+                    return answer["access_token"]
+                if errcode is not None and errcode not in RETRYABLE:
+                    raise WeComError("gettoken", errcode, answer.get("errmsg", ""))
+                attempt += 1
+                pause = random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** attempt))
+                if self.clock() + pause > deadline:
+                    raise WeComUnavailable(f"gettoken for corp {corp_id}: no token after {attempt} attempts")
+                await asyncio.sleep(pause)
+
+    def _drop_token(self, corp_id: str, token: str) -> None:
+        if self.tokens.get(corp_id, ("",))[0] == token:
+            del self.tokens[corp_id]
+
+    def _bucket(self, corp_id: str, api: str) -> _Bucket:
+        bucket = self.buckets.get((corp_id, api))
+        if bucket is None:
+            per_second = self.rate_per_minute / 60
+            bucket = self.buckets[(corp_id, api)] = _Bucket(max(1.0, per_second), per_second, max(1.0, per_second), self.clock())
+        return bucket

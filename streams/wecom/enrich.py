@@ -1,0 +1,336 @@
+"""`tagstream enrich`: WeCom's callbacks become tag and contact events, exactly once (SPEC §7).
+
+Its own process and consumer group (`<app id>-enrich`) on `wecom-callbacks`, not an agent
+of the worker: it waits on WeCom's API (tokens, rate limits, 45009 blocks of 60 s), and a
+worker partition waiting on a WeCom call would hold back every customer on it. Here a corp
+that WeCom refuses delays only its own callbacks (below), and the worker never waits on
+WeCom.
+
+**Exactly once.** Each partition of `wecom-callbacks` has its own transactional producer
+(`transactional_id = <app id>-enrich-<partition>`, so a new owner of the partition fences the
+old one, zombie included). A batch of the partition's callbacks is fetched; the API is
+called for each (outside the transaction: reads only); then one transaction writes the
+resulting events to `tag-events` / `contact-events`, the changed snapshots to
+`wecom-snapshots` (compacted, same partition number, the snapshot table's changelog), the
+catalogue to `wecom-tags`, dead letters, and the consumer offsets. A crash anywhere before
+the commit aborts all of it; the next owner restores the snapshots and computes the same
+diffs from the same versions, so the same event ids (streams/wecom/enrichment.py). The
+worker reads its input `read_committed`, so it never sees an aborted event.
+
+**One corp never stops the others.** A callback whose corp WeCom keeps refusing after the
+client's retries (`WeComUnavailable`) is not committed: that key's later callbacks in the
+batch wait, the transaction commits everything else with the partition's offset at the
+first such callback, and the partition is sought back to it after a pause. Callbacks
+applied again that way find their snapshot already moved and produce nothing (an add's
+contact event comes out with its same id, which the worker drops).
+
+Permanent API errors (e.g. 84061, no such contact) send the callback to `dead-letters`
+with the errcode. Click ids come from `ad-clicks` (a replica of the compacted topic, read to
+its end before an add is enriched), and the tag catalogue is kept in `wecom-tags` from
+`get_corp_tag_list` after each `change_external_tag`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Optional
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+
+from schemas.validation import Rejection
+from streams.kafka import connection
+from streams.observability import metrics
+from streams.settings import Settings
+from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
+from streams.wecom.corps import Corp
+from streams.wecom.enrichment import (ADDS, DELETES, Snapshot, contact_event, corp_tags, diff_tags,
+                                      follow_user_of, snapshot_key)
+from streams.wecom.messages import Callback
+
+log = logging.getLogger(__name__)
+
+#: how long a partition pauses after a corp's callback could not be enriched
+RETRY_PAUSE_S = 2.0
+#: how long an add waits for the ad-clicks replica to reach the topic's end
+CLICKS_WAIT_S = 5.0
+
+
+class CompactedReplica:
+    """A compacted topic read from the start and followed: key -> value (None removes)."""
+
+    def __init__(self, settings: Settings, topic: str):
+        self.settings, self.topic = settings, topic
+        self.values: dict[str, bytes] = {}
+        self.consumer: Optional[AIOKafkaConsumer] = None
+        self.task: Optional[asyncio.Task] = None
+
+    async def start(self) -> None:
+        self.consumer = AIOKafkaConsumer(**connection.client_kwargs(self.settings), group_id=None,
+                                         enable_auto_commit=False, isolation_level="read_committed",
+                                         client_id="tagstream-enrich-replica")
+        await connection.start_client(self.consumer)
+        partitions = self.consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
+        self.task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            for records in (await self.consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    key = record.key.decode()
+                    if record.value is None:
+                        self.values.pop(key, None)
+                    else:
+                        self.values[key] = record.value
+
+    async def caught_up(self, timeout_s: float) -> bool:
+        """Wait until everything written to the topic before this call has been read."""
+        tps = list(self.consumer.assignment())
+        ends = await self.consumer.end_offsets(tps)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(await self.consumer.position(tp) >= end for tp, end in ends.items()):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        if self.consumer:
+            await self.consumer.stop()
+
+
+class _Outputs:
+    """What one partition's batch writes, in one transaction."""
+
+    def __init__(self):
+        self.records: list[tuple[str, bytes, Optional[bytes], Optional[int]]] = []   # topic, key, value, partition
+
+    def add(self, topic: str, key: str, value: Optional[bytes], partition: Optional[int] = None) -> None:
+        self.records.append((topic, key.encode(), value, partition))
+
+
+class Enrichment:
+    """The enrichment process: a consumer group on wecom-callbacks."""
+
+    def __init__(self, settings: Settings, corps: dict[str, Corp], client: WeComClient):
+        self.settings, self.corps, self.client = settings, corps, client
+        self.group = f"{settings.app_id}-enrich"
+        self.callbacks_topic = settings.topic("wecom_callbacks_topic")
+        self.snapshots_topic = settings.topic("wecom_snapshots_topic")
+        self.tag_events_topic = settings.topic("tag_events_topic")
+        self.contact_events_topic = settings.topic("contact_events_topic")
+        self.dead_letters_topic = settings.topic("dead_letters_topic")
+        self.tags_topic = settings.topic("wecom_tags_topic")
+        self.snapshots: dict[int, dict[str, Snapshot]] = {}
+        self.producers: dict[int, AIOKafkaProducer] = {}
+        self.paused_until: dict[int, float] = {}
+        self.lock = asyncio.Lock()
+        self.consumer: Optional[AIOKafkaConsumer] = None
+        self.clicks = CompactedReplica(settings, settings.topic("ad_clicks_topic"))
+        self.catalogue = CompactedReplica(settings, self.tags_topic)
+
+    # -- partitions ---------------------------------------------------------------------------
+    async def on_assigned(self, assigned) -> None:
+        async with self.lock:
+            for tp in assigned:
+                if tp.topic != self.callbacks_topic or tp.partition in self.producers:
+                    continue
+                producer = AIOKafkaProducer(**connection.producer_kwargs(self.settings, linger_ms=1),
+                                            transactional_id=f"{self.settings.app_id}-enrich-{tp.partition}",
+                                            client_id="tagstream-enrich")
+                await connection.start_client(producer)     # fences the partition's previous owner
+                self.producers[tp.partition] = producer
+                self.snapshots[tp.partition] = await self._restore(tp.partition)
+                log.info("enrich: partition %d: %d snapshots restored", tp.partition, len(self.snapshots[tp.partition]))
+
+    async def on_revoked(self, revoked) -> None:
+        async with self.lock:
+            for tp in revoked:
+                producer = self.producers.pop(tp.partition, None)
+                if producer is not None:
+                    await producer.stop()
+                self.snapshots.pop(tp.partition, None)
+
+    async def _restore(self, partition: int) -> dict[str, Snapshot]:
+        consumer = AIOKafkaConsumer(**connection.client_kwargs(self.settings), group_id=None,
+                                    enable_auto_commit=False, isolation_level="read_committed",
+                                    client_id="tagstream-enrich-restore")
+        await connection.start_client(consumer)
+        try:
+            tp = TopicPartition(self.snapshots_topic, partition)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            snapshots: dict[str, Snapshot] = {}
+            while await consumer.position(tp) < end:
+                for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                    key = record.key.decode()
+                    if record.value is None:
+                        snapshots.pop(key, None)
+                    else:
+                        snapshots[key] = Snapshot.from_wire(orjson.loads(record.value))
+            return snapshots
+        finally:
+            await consumer.stop()
+
+    # -- the loop -----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.clicks.start()
+        await self.catalogue.start()
+        enrichment = self
+
+        class Listener(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked):
+                await enrichment.on_revoked(revoked)
+
+            async def on_partitions_assigned(self, assigned):
+                await enrichment.on_assigned(assigned)
+
+        self.consumer = AIOKafkaConsumer(
+            **connection.client_kwargs(self.settings), group_id=self.group, enable_auto_commit=False,
+            auto_offset_reset="earliest", isolation_level="read_committed", client_id="tagstream-enrich",
+            session_timeout_ms=self.settings.session_timeout,
+            heartbeat_interval_ms=max(self.settings.session_timeout // 3, 500))
+        self.consumer.subscribe([self.callbacks_topic], listener=Listener())
+        await connection.start_client(self.consumer)
+        try:
+            while not stop.is_set():
+                self._resume_due()
+                batches = await self.consumer.getmany(timeout_ms=200, max_records=500)
+                async with self.lock:
+                    for tp, records in batches.items():
+                        if tp.partition in self.producers and records:
+                            await self._enrich_batch(tp, records)
+        finally:
+            await self.consumer.stop()
+            for producer in self.producers.values():
+                await producer.stop()
+            await self.clicks.stop()
+            await self.catalogue.stop()
+
+    def _resume_due(self) -> None:
+        now = time.monotonic()
+        for partition, until in list(self.paused_until.items()):
+            if now >= until:
+                del self.paused_until[partition]
+                self.consumer.resume(TopicPartition(self.callbacks_topic, partition))
+
+    async def _enrich_batch(self, tp: TopicPartition, records: list) -> None:
+        """One transaction for a partition's batch (see the module docstring)."""
+        by_key: dict[bytes, list] = defaultdict(list)
+        for record in records:
+            by_key[record.key].append(record)
+        staged = dict(self.snapshots[tp.partition])
+        outputs = {key: _Outputs() for key in by_key}
+        failed = await asyncio.gather(*(self._enrich_key(tp.partition, recs, staged, outputs[key])
+                                        for key, recs in by_key.items()))
+        retry_from = min((offset for offset in failed if offset is not None), default=None)
+        commit_to = retry_from if retry_from is not None else records[-1].offset + 1
+        producer = self.producers[tp.partition]
+        async with producer.transaction():
+            for out in outputs.values():
+                for topic, key, value, partition in out.records:
+                    await producer.send(topic, key=key, value=value, partition=partition)
+            await producer.send_offsets_to_transaction({tp: commit_to}, self.group)
+        self.snapshots[tp.partition] = staged
+        metrics.WECOM_ENRICHED.labels("committed").inc(sum(1 for r in records if r.offset < commit_to))
+        if retry_from is not None:
+            self.consumer.seek(tp, retry_from)
+            self.consumer.pause(tp)
+            self.paused_until[tp.partition] = time.monotonic() + RETRY_PAUSE_S
+
+    async def _enrich_key(self, partition: int, records: list, staged: dict, out: _Outputs) -> Optional[int]:
+        """One key's callbacks in order; the offset of the first that must be retried, if any."""
+        for record in records:
+            callback = Callback.from_wire(record.value)
+            try:
+                await self._enrich(partition, callback, staged, out)
+            except WeComUnavailable as exc:
+                metrics.WECOM_ENRICHED.labels("retry_later").inc()
+                log.warning("enrich: corp %s: %s; its callback waits, other corps go on", callback.corp_id, exc)
+                return record.offset
+            except WeComError as exc:
+                metrics.WECOM_ENRICHED.labels("dead_lettered").inc()
+                rejection = Rejection("wecom_errcode", f"{exc.api}: errcode {exc.errcode} {exc.errmsg}".strip())
+                letter = rejection.dead_letter(topic=record.topic, partition=record.partition, offset=record.offset,
+                                               key=record.key, value=record.value, at=int(time.time() * 1000))
+                out.add(self.dead_letters_topic, record.key.decode(), orjson.dumps(letter.as_wire()))
+        return None
+
+    async def _enrich(self, partition: int, callback: Callback, staged: dict, out: _Outputs) -> None:
+        corp = self.corps.get(callback.corp_id)
+        if corp is None:                  # the corps file lost it since the ingest took it
+            raise WeComError("config", -2, "corp not configured")
+        event = callback.event
+        if event == "change_external_tag":
+            await self._refresh_catalogue(corp, out)
+            return
+        if event != "change_external_contact" or not callback.external_userid:
+            metrics.WECOM_ENRICHED.labels("ignored").inc()
+            return
+        customer, userid = callback.external_userid, callback.fields.get("UserID", "")
+        key = f"{corp.corp_id}:{customer}"
+        skey = snapshot_key(corp.corp_id, customer, userid)
+        if callback.change_type in DELETES:
+            out.add(self.contact_events_topic, key, orjson.dumps(contact_event(callback, corp.wechat_app_id, None, None)))
+            if skey in staged:            # a deleted relationship is not an untagging: no removes
+                del staged[skey]
+                out.add(self.snapshots_topic, skey, None, partition)
+            return
+        if callback.change_type not in ADDS and callback.change_type != "edit_external_contact":
+            metrics.WECOM_ENRICHED.labels("ignored").inc()
+            return
+        contact = await self.client.get_contact(corp.corp_id, customer)
+        follow = follow_user_of(contact, userid)
+        if callback.change_type in ADDS:
+            click_id = await self._click_id(corp.corp_id, callback.fields.get("State") or (follow or {}).get("state"))
+            out.add(self.contact_events_topic, key,
+                    orjson.dumps(contact_event(callback, corp.wechat_app_id, contact, click_id)))
+        if follow is None:                # the relationship is gone already: its delete will come
+            return
+        ts = callback.create_time_ms or callback.received_at
+        source = callback.fields.get("Source") or "wecom_callback"
+        snapshot, events = diff_tags(corp.corp_id, customer, userid, staged.get(skey), corp_tags(follow), ts, source)
+        for tag_event in events:
+            out.add(self.tag_events_topic, key, orjson.dumps(tag_event))
+        if events:
+            staged[skey] = snapshot
+            out.add(self.snapshots_topic, skey, orjson.dumps(snapshot.to_wire()), partition)
+        metrics.WECOM_TAG_EVENTS.inc(len(events))
+
+    async def _click_id(self, corp_id: str, state: Optional[str]) -> Optional[str]:
+        if not state:
+            return None
+        if f"{corp_id}:{state}" not in self.clicks.values:
+            await self.clicks.caught_up(CLICKS_WAIT_S)
+        value = self.clicks.values.get(f"{corp_id}:{state}")
+        return orjson.loads(value).get("click_id") if value else None
+
+    async def _refresh_catalogue(self, corp: Corp, out: _Outputs) -> None:
+        """The corp's whole catalogue from get_corp_tag_list into wecom-tags; tags that are
+        gone or flagged deleted get tombstones."""
+        groups = await self.client.get_corp_tag_list(corp.corp_id)
+        await self.catalogue.caught_up(CLICKS_WAIT_S)
+        prefix = f"{corp.corp_id}:"
+        known = {k for k in self.catalogue.values if k.startswith(prefix)}
+        seen = set()
+        for group in groups:
+            for tag in group.get("tag") or []:
+                key = prefix + tag["id"]
+                if tag.get("deleted") or group.get("deleted"):
+                    if key in known:
+                        out.add(self.tags_topic, key, None)
+                    continue
+                seen.add(key)
+                out.add(self.tags_topic, key, orjson.dumps({
+                    "corp_id": corp.corp_id, "tag_id": tag["id"], "tag_name": tag.get("name"),
+                    "group_id": group.get("group_id"), "group_name": group.get("group_name")}))
+        for key in sorted(known - seen):
+            out.add(self.tags_topic, key, None)
