@@ -5,6 +5,8 @@
     tagstream sink      deliver reports to the Marketing API (--target api), a file or stdout
     tagstream ingest    the HTTP server for WeCom's callbacks (SPEC §7) -> wecom-callbacks
     tagstream enrich    wecom-callbacks -> tag and contact events (WeCom API, snapshots, exactly once)
+    tagstream tag       tag a customer through WeCom's API, and report it (WeCom sends no callback)
+    tagstream reconcile find and repair what WeCom never called back about
     tagstream replay    historic events (a topic time range or NDJSON archives) -> reports
     tagstream archive   write a time range of the input topics to an NDJSON archive
     tagstream load      produce sample rules and a generated event stream
@@ -90,6 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
             "catalogue to wecom-tags. Events, snapshots and offsets go in one transaction per\n"
             "partition. Needs the corps file (contact secrets), like the ingest.\n\n"
             "example:\n  TAGSTREAM_WECOM_CORPS_FILE=wecom-corps.yaml tagstream enrich")
+
+    p = command("tag", "tag a customer through WeCom's API (mark_tag) and report it like a callback",
+                "WeCom sends no callback for changes made through its API, so a CRM sync or a bulk\n"
+                "tagging with mark_tag is never reported. This calls mark_tag and, once WeCom accepts,\n"
+                "writes the change to wecom-callbacks, where the enrichment turns it into the tag events\n"
+                "a callback would have produced (same ids).\n\n"
+                "example:\n  tagstream tag --corp ww51a2 --userid zhangsan --customer wmKx01 --add etQ7x --remove etA1")
+    p.add_argument("--corp", required=True, help="corp id (in the corps file)")
+    p.add_argument("--userid", required=True, help="the staff member whose relationship is tagged")
+    p.add_argument("--customer", required=True, help="the customer's external_userid")
+    p.add_argument("--add", default="", help="comma-separated tag ids to add")
+    p.add_argument("--remove", default="", help="comma-separated tag ids to remove")
+
+    p = command("reconcile", "compare every customer's tags in WeCom with the snapshots, and repair",
+                "Callbacks lost for good, and API changes, never reach tagstream. This walks each\n"
+                "staff member's customers (batch/get_by_user), compares them with the enrichment's\n"
+                "snapshots, and writes a synthetic callback for each add never enriched and each\n"
+                "relationship whose tags differ; the enrichment then emits exactly the missing events,\n"
+                "with the ids a callback would have given. Safe while callbacks flow, rate limited,\n"
+                "resumable (progress in TAGSTREAM_RECONCILE_STATE_DIR); a second run writes nothing.\n\n"
+                "examples:\n  tagstream reconcile\n  tagstream reconcile --corp ww51a2 --since 2026-11-01T00:00:00Z")
+    p.add_argument("--corp", action="append", default=[], help="only this corp (repeatable; default: all in the corps file)")
+    p.add_argument("--since", metavar="TIME", help="only relationships made since TIME (ISO-8601)")
 
     p = command("load", "produce sample reporting rules and a generated event stream",
                 "Produce the sample rules, then N generated events. Example: tagstream load --events 10000")
@@ -244,6 +269,15 @@ def cmd_ingest(args, settings: Settings) -> int:
     from streams.wecom.corps import load_corps
     from streams.wecom.ingest import serve
     corps = load_corps(settings)
+    api_token = None
+    if settings.ingest_api_token_file:
+        try:
+            api_token = open(settings.ingest_api_token_file, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise ConfigError(f"TAGSTREAM_INGEST_API_TOKEN_FILE={settings.ingest_api_token_file!r}: cannot read it "
+                              f"({exc.strerror})") from None
+        if not api_token:
+            raise ConfigError(f"TAGSTREAM_INGEST_API_TOKEN_FILE={settings.ingest_api_token_file!r} is empty")
     _logging(settings)
 
     async def run() -> None:
@@ -252,7 +286,7 @@ def cmd_ingest(args, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await ensure_topics(settings)
-        await serve(settings, corps, stop)
+        await serve(settings, corps, stop, api_token)
 
     asyncio.run(run())
     return 0
@@ -263,8 +297,10 @@ def cmd_enrich(args, settings: Settings) -> int:
     from streams.wecom.api import WeComClient
     from streams.wecom.corps import load_corps
     from streams.wecom.enrich import Enrichment
+    from streams.observability import metrics
     corps = load_corps(settings)
     _logging(settings)
+    metrics.serve(settings.enrich_metrics_port)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -276,6 +312,60 @@ def cmd_enrich(args, settings: Settings) -> int:
             await Enrichment(settings, corps, client).run(stop)
 
     asyncio.run(run())
+    return 0
+
+
+def _ids(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_tag(args, settings: Settings) -> int:
+    from streams.kafka import connection
+    from streams.wecom.api import WeComClient
+    from streams.wecom.corps import load_corps
+    from streams.wecom.tagging import tag_through_wecom
+    from aiokafka import AIOKafkaProducer
+    corps = load_corps(settings)
+    if args.corp not in corps:
+        raise ConfigError(f"--corp {args.corp!r} is not in {settings.wecom_corps_file}; add it there first")
+    add, remove = _ids(args.add), _ids(args.remove)
+    if not add and not remove:
+        raise ConfigError("nothing to do: give --add TAG[,TAG] and/or --remove TAG[,TAG]")
+
+    async def run() -> None:
+        producer = AIOKafkaProducer(**connection.producer_kwargs(settings), client_id="tagstream-tag")
+        await connection.start_client(producer)
+        try:
+            async with WeComClient(settings, corps) as client:
+                await tag_through_wecom(client, producer, settings, args.corp, args.userid, args.customer, add, remove)
+        finally:
+            await producer.stop()
+    asyncio.run(run())
+    print(f"tagged {args.corp}:{args.customer} (staff {args.userid}): +{len(add)} -{len(remove)}; "
+          f"the enrichment reports it")
+    return 0
+
+
+def cmd_reconcile(args, settings: Settings) -> int:
+    from pathlib import Path
+    from tqdm import tqdm
+    from streams.replay.run import parse_time
+    from streams.wecom.api import WeComClient
+    from streams.wecom.corps import load_corps
+    from streams.wecom.reconcile import reconcile
+    corps = load_corps(settings)
+    unknown = [c for c in args.corp if c not in corps]
+    if unknown:
+        raise ConfigError(f"--corp {unknown[0]!r} is not in {settings.wecom_corps_file}")
+    since_s = parse_time("--since", args.since) // 1000 if args.since else None
+    _logging(settings)
+
+    async def run():
+        async with WeComClient(settings, corps) as client:
+            with tqdm(unit=" relationships", disable=not sys.stderr.isatty()) as bar:
+                return await reconcile(settings, client, args.corp or sorted(corps),
+                                       state_dir=Path(settings.reconcile_state_dir), since_s=since_s, progress_bar=bar)
+    print(asyncio.run(run()).render())
     return 0
 
 
@@ -426,7 +516,8 @@ def cmd_run(args, settings: Settings) -> int:
                     reports_file=args.reports_file)
 
 
-COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "ingest": cmd_ingest, "enrich": cmd_enrich, "load": cmd_load,
+COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "ingest": cmd_ingest, "enrich": cmd_enrich, "tag": cmd_tag, "reconcile": cmd_reconcile,
+            "load": cmd_load,
             "replay": cmd_replay, "archive": cmd_archive,
             "topics": cmd_topics, "lag": cmd_lag, "topology": cmd_topology, "settings": cmd_settings}
 

@@ -249,6 +249,12 @@ WECOM_TAG_EVENTS = Counter(
     "again when they are redone)")
 
 
+WECOM_TAG_REQUESTS = Counter(
+    "tagstream_wecom_tag_requests_total",
+    "Requests to tag through WeCom's API (the ingest's POST /tags), by outcome",
+    ["outcome"])
+
+
 def serve(port: int) -> None:
     """Expose /metrics on 127.0.0.1:port (no-op for port 0)."""
     if port:

@@ -112,6 +112,10 @@ class WeComClient:
         await self.call(corp_id, "POST", "externalcontact/mark_tag",
                         json={"userid": userid, "external_userid": external_userid, "add_tag": add, "remove_tag": remove})
 
+    async def follow_user_list(self, corp_id: str) -> list[str]:
+        """The staff members with the customer-contact permission."""
+        return (await self.call(corp_id, "GET", "externalcontact/get_follow_user_list")).get("follow_user", [])
+
     async def batch_get_by_user(self, corp_id: str, userids: list[str], cursor: str = "", limit: int = 100) -> dict:
         return await self.call(corp_id, "POST", "externalcontact/batch/get_by_user",
                                json={"userid_list": userids, "cursor": cursor, "limit": limit})

@@ -289,18 +289,24 @@ class Enrichment:
             return
         contact = await self.client.get_contact(corp.corp_id, customer)
         follow = follow_user_of(contact, userid)
-        if callback.change_type in ADDS:
+        # An add is also due for a relationship never seen before: its add callback was lost,
+        # and this contact event carries the id that callback would have given.
+        if callback.change_type in ADDS or (follow is not None and skey not in staged):
             click_id = await self._click_id(corp.corp_id, callback.fields.get("State") or (follow or {}).get("state"))
             out.add(self.contact_events_topic, key,
-                    orjson.dumps(contact_event(callback, corp.wechat_app_id, contact, click_id)))
+                    orjson.dumps(contact_event(callback, corp.wechat_app_id, contact, click_id, as_add=True)))
         if follow is None:                # the relationship is gone already: its delete will come
             return
-        ts = callback.create_time_ms or callback.received_at
         source = callback.fields.get("Source") or "wecom_callback"
+        # a reconciled add carries the relationship's old createtime; the tags it finds are
+        # stamped with when they were found
+        ts = callback.received_at if source == "tagstream_reconcile" else (callback.create_time_ms or callback.received_at)
         snapshot, events = diff_tags(corp.corp_id, customer, userid, staged.get(skey), corp_tags(follow), ts, source)
         for tag_event in events:
             out.add(self.tag_events_topic, key, orjson.dumps(tag_event))
-        if events:
+        # A snapshot is written for every change and for every add, even one without tags:
+        # its presence is how `tagstream reconcile` knows an add was not lost.
+        if events or skey not in staged:
             staged[skey] = snapshot
             out.add(self.snapshots_topic, skey, orjson.dumps(snapshot.to_wire()), partition)
         metrics.WECOM_TAG_EVENTS.inc(len(events))

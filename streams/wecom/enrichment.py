@@ -85,16 +85,18 @@ def follow_user_of(contact: dict, userid: str) -> Optional[dict]:
 
 
 def contact_event(callback: Callback, wechat_app_id: Optional[str], contact: Optional[dict],
-                  click_id: Optional[str]) -> dict:
+                  click_id: Optional[str], as_add: bool = False) -> dict:
     """The contact event of an add or delete callback (SPEC §7): for an add, `ts` is the
     follow user's `createtime` and the identity comes from the contact; for a delete, `ts` is
-    the callback's `CreateTime`."""
+    the callback's `CreateTime`. `as_add`: the add of a relationship first seen through a
+    later callback (its add callback was lost); the same event, the same id."""
     fields = callback.fields
     userid, customer = fields.get("UserID", ""), callback.external_userid
-    change_type = "add_external_contact" if callback.change_type in ADDS else callback.change_type
+    adding = as_add or callback.change_type in ADDS
+    change_type = "add_external_contact" if adding else callback.change_type
     ts = callback.create_time_ms or callback.received_at
-    state, unionid = fields.get("State") or None, None
-    if callback.change_type in ADDS and contact is not None:
+    state, unionid = (fields.get("State") or None) if adding else None, None
+    if adding and contact is not None:
         follow = follow_user_of(contact, userid) or {}
         if follow.get("createtime"):
             ts = int(follow["createtime"]) * 1000
@@ -103,7 +105,7 @@ def contact_event(callback: Callback, wechat_app_id: Optional[str], contact: Opt
     event = {"event_id": "c-" + _digest(callback.corp_id, customer, userid, change_type, ts),
              "corp_id": callback.corp_id, "external_userid": customer, "userid": userid,
              "change_type": change_type, "ts": ts, "state": state}
-    if callback.change_type in ADDS:
+    if adding:
         event.update(wechat_app_id=wechat_app_id, wechat_unionid=unionid,
                      wechat_openid=None, click_id=click_id)
     return event

@@ -2,6 +2,8 @@
 
     GET  /wecom/{corp_id}/callback   URL verification: answer the decrypted echostr
     POST /wecom/{corp_id}/callback   an event: verify, decrypt, write to wecom-callbacks, answer
+    POST /tags                       tag through WeCom's API (`Authorization: Bearer <token>`):
+                                     {"corp_id", "userid", "external_userid", "add": [], "remove": []}
     GET  /healthz                    200 once the producer is connected
     GET  /metrics                    Prometheus
 
@@ -32,6 +34,7 @@ its reason and the corp id only.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from typing import Optional
@@ -43,9 +46,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from streams.kafka import connection
 from streams.observability import metrics
 from streams.settings import Settings
+from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Corp
 from streams.wecom.crypto import Refused
 from streams.wecom.messages import MAX_BODY_BYTES, Callback, Envelope, parse_flat
+from streams.wecom.tagging import tag_through_wecom
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +73,13 @@ def kind_of(callback: Callback) -> str:
 class CallbackIngest:
     """The callbacks of `corps`, verified and written to `wecom-callbacks`."""
 
-    def __init__(self, settings: Settings, corps: dict[str, Corp], *, clock=time.time):
+    def __init__(self, settings: Settings, corps: dict[str, Corp], *, clock=time.time,
+                 api_token: Optional[str] = None, client: Optional[WeComClient] = None):
         self.settings = settings
         self.corps = corps
         self.clock = clock
+        self.api_token = api_token          # of POST /tags; None: the endpoint is off
+        self.client = client
         self.topic = settings.topic("wecom_callbacks_topic")
         self.producer: Optional[AIOKafkaProducer] = None
 
@@ -89,6 +97,7 @@ class CallbackIngest:
         app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
         app.add_routes([web.get("/wecom/{corp_id}/callback", self.url_verification),
                         web.post("/wecom/{corp_id}/callback", self.event),
+                        web.post("/tags", self.tags),
                         web.get("/healthz", self.healthz),
                         web.get("/metrics", self.metrics)])
         return app
@@ -131,6 +140,39 @@ class CallbackIngest:
         metrics.WECOM_ANSWER_SECONDS.labels("POST").observe(time.perf_counter() - started)
         return web.Response(text="")
 
+    async def tags(self, request: web.Request) -> web.Response:
+        """Tag through WeCom's API, then record the change as a callback would have been
+        (streams/wecom/tagging.py); 200 only after both."""
+        if self.api_token is None or self.client is None:
+            return web.json_response({"error": "the tag endpoint is off: set TAGSTREAM_INGEST_API_TOKEN_FILE"},
+                                     status=404)
+        offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(offered.encode(), self.api_token.encode()):
+            metrics.WECOM_TAG_REQUESTS.labels("unauthorised").inc()
+            return web.json_response({"error": "unauthorised"}, status=401)
+        try:
+            body = await request.json()
+            corp_id, userid, customer = body["corp_id"], body["userid"], body["external_userid"]
+            add, remove = list(body.get("add") or []), list(body.get("remove") or [])
+            if not all(isinstance(v, str) and v for v in (corp_id, userid, customer, *add, *remove)):
+                raise ValueError("ids are non-empty strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            metrics.WECOM_TAG_REQUESTS.labels("bad_request").inc()
+            return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        if corp_id not in self.corps:
+            metrics.WECOM_TAG_REQUESTS.labels("unknown_corp").inc()
+            return web.json_response({"error": "unknown_corp"}, status=404)
+        try:
+            await tag_through_wecom(self.client, self.producer, self.settings, corp_id, userid, customer, add, remove)
+        except WeComError as exc:
+            metrics.WECOM_TAG_REQUESTS.labels("refused").inc()
+            return web.json_response({"error": "refused by WeCom", "errcode": exc.errcode}, status=422)
+        except WeComUnavailable:
+            metrics.WECOM_TAG_REQUESTS.labels("unavailable").inc()
+            return web.json_response({"error": "WeCom unavailable; retry later"}, status=503)
+        metrics.WECOM_TAG_REQUESTS.labels("tagged").inc()
+        return web.json_response({"ok": True})
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok") if self.producer is not None else web.Response(status=503, text="starting")
 
@@ -169,9 +211,12 @@ class CallbackIngest:
         return web.Response(status=STATUS.get(refused.reason, 400), text=refused.reason)
 
 
-async def serve(settings: Settings, corps: dict[str, Corp], stop: asyncio.Event) -> None:
+async def serve(settings: Settings, corps: dict[str, Corp], stop: asyncio.Event,
+                api_token: Optional[str] = None) -> None:
     """Run the ingest until `stop` is set."""
-    ingest = CallbackIngest(settings, corps)
+    client = WeComClient(settings, corps)
+    await client.__aenter__()
+    ingest = CallbackIngest(settings, corps, api_token=api_token, client=client)
     await ingest.start()
     runner = web.AppRunner(ingest.app(), access_log=None)
     await runner.setup()
@@ -184,3 +229,4 @@ async def serve(settings: Settings, corps: dict[str, Corp], stop: asyncio.Event)
     finally:
         await runner.cleanup()
         await ingest.stop()
+        await client.__aexit__(None, None, None)

@@ -57,6 +57,7 @@ class FakeCorp:
     secret: str
     catalogue: dict = field(default_factory=dict)    # tag_id -> Tag
     customers: dict = field(default_factory=dict)    # external_userid -> Customer
+    staff: set = field(default_factory=set)          # staff members with the contact permission
 
 
 class FakeWeComApi:
@@ -104,6 +105,7 @@ class FakeWeComApi:
         app.add_routes([
             web.get("/cgi-bin/gettoken", self.gettoken),
             web.get("/cgi-bin/externalcontact/get", self.get_contact),
+            web.get("/cgi-bin/externalcontact/get_follow_user_list", self.follow_user_list),
             web.post("/cgi-bin/externalcontact/batch/get_by_user", self.batch_get_by_user),
             web.post("/cgi-bin/externalcontact/get_corp_tag_list", self.get_corp_tag_list),
             web.post("/cgi-bin/externalcontact/mark_tag", self.mark_tag),
@@ -167,6 +169,13 @@ class FakeWeComApi:
                             follow_user=[{"userid": f.userid, "remark": "", "createtime": f.createtime,
                                           "tags": self._tags_of(corp, f), "state": f.state, "add_way": 1,
                                           "oper_userid": f.userid} for f in page])
+
+    async def follow_user_list(self, request: web.Request) -> web.Response:
+        corp, refused = self._authorise("externalcontact/get_follow_user_list", request)
+        if refused:
+            return refused
+        staff = sorted({u for c in corp.customers.values() for u in c.follows} | corp.staff)
+        return self._answer("externalcontact/get_follow_user_list", 0, follow_user=staff)
 
     async def batch_get_by_user(self, request: web.Request) -> web.Response:
         corp, refused = self._authorise("externalcontact/batch/get_by_user", request)

@@ -234,7 +234,7 @@ class IngestProcess:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **pipeline.settings.to_environ(), "TAGSTREAM_WECOM_CORPS_FILE": str(corps_file),
-                    "TAGSTREAM_INGEST_LISTEN": f"127.0.0.1:{self.port}",
+                    "TAGSTREAM_INGEST_LISTEN": f"127.0.0.1:{self.port}", "TAGSTREAM_ENRICH_METRICS_PORT": str(free_port()),
                     **{"TAGSTREAM_" + k.upper(): v for k, v in overrides.items()}}
         self.log_path = log_path
         self.process: Optional[subprocess.Popen] = None

@@ -17,16 +17,21 @@ that are one diff, and the expected events here are one diff per change.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
+import subprocess
+import sys
 import threading
 import time
 
+import aiohttp
 import orjson
 
+from streams.observability.observe import total
 from tests.logs import kafka_partition
 from tests.fake_wecom.api import FakeWeComApi, Staff
 from tests.fake_wecom.callbacks import CallbackSender
-from tests.integration.conftest import IngestProcess, Pipeline, SinkProcess, wait_until
+from tests.integration.conftest import REPO, IngestProcess, Pipeline, SinkProcess, wait_until
 from tests.marketing_api_server import MarketingApiServer, ServerThread
 from tests.reference_model import reference_reports
 from streams.wecom.crypto import CallbackCrypto
@@ -65,7 +70,14 @@ def customer_script(rng: random.Random, corp: str, n: int) -> list[tuple]:
 
 
 class World:
-    """The fake WeCom, the staff, and what they did (as the events the model expects)."""
+    """The fake WeCom, the staff, and what the enrichment should make of what they did.
+
+    `observe` follows each relationship as the enrichment sees it (only delivered callbacks),
+    one diff per delivered change, an add healed by the first later callback if its own was
+    lost; `reconciled` adds what a reconcile finds. The result is the event log the reference
+    model gets; its ids are the test's own (the model only needs them unique)."""
+
+    USERID = "staff1"
 
     def __init__(self, seed: int, customers_per_corp: int):
         self.fake = FakeWeComApi(seed=seed, page_size=2)
@@ -76,39 +88,71 @@ class World:
         self.scripts = {(corp, f"wm{corp[-1]}{n:03d}"): customer_script(rng, corp, n)
                         for corp in sorted(CORPS) for n in range(customers_per_corp)}
         self.expected_events: list[dict] = []
+        self.seen: dict[tuple, set] = {}          # relationship -> tags as the enrichment last saw them
+        self.added: dict[tuple, tuple] = {}       # relationship -> (createtime ms, state, unionid)
         self.lock = threading.Lock()
 
+    def tags_now(self, corp: str, customer: str) -> set:
+        return set(self.fake.corps[corp].customers[customer].follows[self.USERID].tags)
+
     def act(self, corp: str, customer: str, step: tuple) -> dict:
-        """Do one step in the sidebar; returns its callback and records its expected events."""
-        userid = "staff1"
-        app_id = CORPS[corp][3]
+        """Do one step in the sidebar; returns the callback WeCom would send."""
         if step[0] == "add":
             _, state, unionid = step
-            callback = self.staff.add_customer(corp, customer, userid, state=state, unionid=unionid)
-            ts = self.fake.corps[corp].customers[customer].follows[userid].createtime * 1000
-            events = [{"kind": "contact", "event_id": f"x-{corp}-{customer}-add", "corp_id": corp,
-                       "external_userid": customer, "userid": userid, "change_type": "add_external_contact",
-                       "ts": ts, "state": state, "wechat_app_id": app_id, "wechat_unionid": unionid,
-                       "wechat_openid": None, "click_id": f"clk-{state}" if int(state[3:]) % 2 == 0 else None}]
-        elif step[0] == "tag":
-            _, add, remove = step
-            before = set(self.fake.corps[corp].customers[customer].follows[userid].tags)
-            callback = self.staff.tag(corp, customer, userid, add=add, remove=remove)
-            after = set(self.fake.corps[corp].customers[customer].follows[userid].tags)
-            ts = callback["CreateTime"] * 1000
-            events = [{"kind": "tag", "event_id": f"x-{corp}-{customer}-{op}-{t}-{ts}-{len(self.expected_events)}",
-                       "corp_id": corp, "external_userid": customer, "userid": userid, "tag_id": t, "op": op,
-                       "ts": ts, "source": "wecom_callback"}
-                      for op, tags in (("add", sorted(after - before)), ("remove", sorted(before - after)))
-                      for t in tags]
+            callback = self.staff.add_customer(corp, customer, self.USERID, state=state, unionid=unionid)
+            createtime = self.fake.corps[corp].customers[customer].follows[self.USERID].createtime * 1000
+            self.added[(corp, customer)] = (createtime, state, unionid)
+            return callback
+        if step[0] == "tag":
+            return self.staff.tag(corp, customer, self.USERID, add=step[1], remove=step[2])
+        return self.staff.delete_follow(corp, customer, self.USERID)
+
+    def _add_event(self, corp: str, customer: str) -> dict:
+        createtime, state, unionid = self.added[(corp, customer)]
+        return {"event_id": f"x-{corp}-{customer}-add", "corp_id": corp, "external_userid": customer,
+                "userid": self.USERID, "change_type": "add_external_contact", "ts": createtime, "state": state,
+                "wechat_app_id": CORPS[corp][3], "wechat_unionid": unionid, "wechat_openid": None,
+                "click_id": f"clk-{state}" if int(state[3:]) % 2 == 0 else None}
+
+    def _diff(self, corp: str, customer: str, before: set, after: set, ts: int) -> list[dict]:
+        return [{"event_id": f"x-{corp}-{customer}-{op}-{t}-{ts}-{len(self.expected_events)}-{i}", "corp_id": corp,
+                 "external_userid": customer, "userid": self.USERID, "tag_id": t, "op": op, "ts": ts}
+                for i, (op, t) in enumerate([("add", t) for t in sorted(after - before)] +
+                                            [("remove", t) for t in sorted(before - after)])]
+
+    def observe(self, corp: str, customer: str, step: tuple, callback: dict, delivered: bool) -> None:
+        """What the enrichment makes of this change (nothing if its callback was lost)."""
+        if not delivered:
+            return
+        key, events = (corp, customer), []
+        if step[0] == "delete":
+            events.append({"event_id": f"x-{corp}-{customer}-del", "corp_id": corp, "external_userid": customer,
+                           "userid": self.USERID, "change_type": "del_external_contact",
+                           "ts": callback["CreateTime"] * 1000, "state": None})
+            self.seen.pop(key, None)
         else:
-            callback = self.staff.delete_follow(corp, customer, userid)
-            events = [{"kind": "contact", "event_id": f"x-{corp}-{customer}-del", "corp_id": corp,
-                       "external_userid": customer, "userid": userid, "change_type": "del_external_contact",
-                       "ts": callback["CreateTime"] * 1000, "state": None}]
+            if key not in self.seen:                      # an add, or the first callback after a lost one
+                events.append(self._add_event(corp, customer))
+            now = self.tags_now(corp, customer)
+            events += self._diff(corp, customer, self.seen.get(key, set()), now, callback["CreateTime"] * 1000)
+            self.seen[key] = now
         with self.lock:
             self.expected_events += events
-        return callback
+
+    def reconciled(self, reconcile_ts: dict[tuple, int]) -> None:
+        """What a reconcile finds for each relationship that still exists (`reconcile_ts`:
+        when the enrichment handled the relationship's synthetic callback)."""
+        for (corp, customer) in self.scripts:
+            follows = self.fake.corps[corp].customers.get(customer)
+            if follows is None or self.USERID not in follows.follows:
+                continue
+            key, now = (corp, customer), self.tags_now(corp, customer)
+            if key not in self.seen:
+                self.expected_events.append(self._add_event(corp, customer))
+            if self.seen.get(key, set()) != now or key not in self.seen:
+                self.expected_events += self._diff(corp, customer, self.seen.get(key, set()), now,
+                                                   reconcile_ts.get(key, 0))
+            self.seen[key] = now
 
 
 def enriched_count(pipeline: Pipeline) -> int:
@@ -117,72 +161,178 @@ def enriched_count(pipeline: Pipeline) -> int:
     return len({orjson.loads(r.value)["event_id"] for r in records})
 
 
-def test_staff_tags_in_two_corps_reach_the_marketing_api_exactly_once(kafka_broker, tmp_path):
-    world = World(seed=5, customers_per_corp=10)
-    now_ms = int(time.time() * 1000)
-    pipeline = Pipeline(tmp_path, partitions=PARTITIONS, delay_hold=HOLD_MS, idle_grace=1000,
-                        sink_rate_limit=60_000)
-    pipeline.create_topics()
-    the_rules = rules(now_ms)
-    pipeline.send(*[("tag_mappings", key, value) for key, value in the_rules])
-    # the ad platform wrote click ids for even states before the ads were clicked
-    pipeline.send(*[("ad_clicks", f"{corp}:ad_{n}", {"click_id": f"clk-ad_{n}", "click_time": now_ms})
-                    for corp in CORPS for n in range(0, 20, 2)])
-    wecom = ServerThread(world.fake).start()
-    marketing = MarketingApiServer(TOKEN)
-    api = ServerThread(marketing).start()
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)
-    wecom_settings = {"wecom_api_base": f"{wecom.base_url}/cgi-bin/"}
-    processes = []
-    try:
-        worker = pipeline.start_worker()
-        worker.wait_for_rules(len(the_rules))
-        ingest = IngestProcess(pipeline, CORPS, tmp_path / "ingest.log", **wecom_settings).start()
-        enrich = IngestProcess(pipeline, CORPS, tmp_path / "enrich.log", command="enrich", **wecom_settings).start()
-        sink = SinkProcess(pipeline, api.base_url, token_file, tmp_path / "sink.log").start()
-        processes = [ingest, enrich, sink]
-        world.fake.busy_rate = 0.05
-        cryptos = {corp: CallbackCrypto(token, key) for corp, (token, key, _, _) in CORPS.items()}
-        stats = asyncio.run(_staff_at_work(world, pipeline, ingest, cryptos))
-        assert stats.dropped == 0 and stats.retries_identical + stats.retries_resigned >= 0
+class Deployment:
+    """The whole path on one pipeline: worker, ingest (with its tag endpoint), enrichment,
+    sink, the fake WeCom and the local Marketing API."""
 
-        expected, unreportable = _model(world, the_rules)
+    API_TOKEN = "ingest-api-token-for-tests"
+
+    def __init__(self, tmp_path, world: World):
+        self.tmp_path, self.world = tmp_path, world
+        self.now_ms = int(time.time() * 1000)
+        self.pipeline = Pipeline(tmp_path, partitions=PARTITIONS, delay_hold=HOLD_MS, idle_grace=1000,
+                                 sink_rate_limit=60_000)
+        self.rules = rules(self.now_ms)
+        self.processes: list = []
+
+    def __enter__(self) -> "Deployment":
+        pipeline = self.pipeline
+        pipeline.create_topics()
+        pipeline.send(*[("tag_mappings", key, value) for key, value in self.rules])
+        # the ad platform wrote click ids for even states before the ads were clicked
+        pipeline.send(*[("ad_clicks", f"{corp}:ad_{n}", {"click_id": f"clk-ad_{n}", "click_time": self.now_ms})
+                        for corp in CORPS for n in range(0, 20, 2)])
+        self.wecom = ServerThread(self.world.fake).start()
+        self.marketing = MarketingApiServer(TOKEN)
+        self.api = ServerThread(self.marketing).start()
+        (self.tmp_path / "token").write_text(TOKEN)
+        (self.tmp_path / "api-token").write_text(self.API_TOKEN)
+        self.wecom_settings = {"wecom_api_base": f"{self.wecom.base_url}/cgi-bin/",
+                               "ingest_api_token_file": str(self.tmp_path / "api-token"),
+                               "reconcile_state_dir": str(self.tmp_path / "reconcile")}
+        self.worker = pipeline.start_worker()
+        self.worker.wait_for_rules(len(self.rules))
+        self.ingest = IngestProcess(pipeline, CORPS, self.tmp_path / "ingest.log", **self.wecom_settings).start()
+        self.enrich = IngestProcess(pipeline, CORPS, self.tmp_path / "enrich.log", command="enrich",
+                                    **self.wecom_settings).start()
+        self.sink = SinkProcess(pipeline, self.api.base_url, self.tmp_path / "token", self.tmp_path / "sink.log").start()
+        self.processes = [self.ingest, self.enrich, self.sink]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            process.stop()
+        self.pipeline.stop()
+        self.wecom.stop()
+        self.api.stop()
+        for name in ("ingest.log", "enrich.log"):
+            log = (self.tmp_path / name).read_text()
+            for token, key, secret, _ in CORPS.values():
+                assert secret not in log and token not in log and key not in log, f"a secret in {name}"
+            assert self.API_TOKEN not in log
+
+    def staff_at_work(self, drop_rate: float = 0.0):
+        cryptos = {corp: CallbackCrypto(token, key) for corp, (token, key, _, _) in CORPS.items()}
+        return asyncio.run(_staff_at_work(self.world, self.pipeline, self.ingest, cryptos, drop_rate))
+
+    def tagstream(self, *args: str) -> str:
+        """A `tagstream` command against this deployment; its stdout."""
+        result = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=self.ingest.env, cwd=REPO,
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def assert_reports_equal_the_model(self) -> None:
+        expected, unreportable = _model(self.world, self.rules)
         expected_ids = {r["outer_action_id"] for r in expected}
-        wait_until(lambda: set(marketing.accepted) >= expected_ids, 90, "the model's reports at the API",
-                   worker, enrich, sink)
+        wait_until(lambda: set(self.marketing.accepted) >= expected_ids, 90, "the model's reports at the API",
+                   self.worker, self.enrich, self.sink)
         time.sleep(3)                                     # anything more would show up now
-        accepted = marketing.accepted
+        accepted = self.marketing.accepted
         assert set(accepted) == expected_ids, (sorted(set(accepted) - expected_ids)[:5],
                                                sorted(expected_ids - set(accepted))[:5])
-        assert sum(marketing.duplicates.values()) == 0
+        assert sum(self.marketing.duplicates.values()) == 0
         for report in expected:
             action = accepted[report["outer_action_id"]].action
             assert (action["action_time"], action["action_type"], action.get("user_id"), action.get("trace")) == \
                 (report["action_time"], report["action_type"], report["user_id"], report["trace"]), report
-        got_unreportable = {orjson.loads(r.value)["outer_action_id"] for r in pipeline.read(
+        got_unreportable = {orjson.loads(r.value)["outer_action_id"] for r in self.pipeline.read(
             "unreportable", until=lambda rs: len(rs) >= len(unreportable), timeout=30, settle=1)}
         assert got_unreportable == {r["outer_action_id"] for r in unreportable}
+
+    def wait_for_events_to_settle(self, quiet_s: float = 4.0, timeout_s: float = 60.0) -> None:
+        """Until the enrichment has written nothing new for `quiet_s`."""
+        deadline, last, quiet_since = time.monotonic() + timeout_s, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            count = enriched_count(self.pipeline)
+            if count != last:
+                last, quiet_since = count, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return
+            time.sleep(0.5)
+        raise AssertionError("the enrichment kept writing events")
+
+    def events(self, topic: str) -> list[dict]:
+        return [orjson.loads(r.value) for r in self.pipeline.read(topic, timeout=1)]
+
+
+def test_staff_tags_in_two_corps_reach_the_marketing_api_exactly_once(kafka_broker, tmp_path):
+    world = World(seed=5, customers_per_corp=10)
+    with Deployment(tmp_path, world) as deployment:
+        world.fake.busy_rate = 0.05
+        stats = deployment.staff_at_work()
+        assert stats.dropped == 0 and stats.retries_identical + stats.retries_resigned + stats.attempts > stats.sent
+        deployment.assert_reports_equal_the_model()
         # the faults happened
         assert world.fake.calls_of("externalcontact/get", 40014) >= 1
         assert world.fake.calls_of("externalcontact/get", 45009) >= 1
         assert world.fake.calls_of("externalcontact/get", -1) >= 1
-        enrich_log = (tmp_path / "enrich.log").read_text()
-        for token, key, secret, _ in CORPS.values():
-            assert secret not in enrich_log and token not in enrich_log
-    finally:
-        for process in processes:
-            process.stop()
-        pipeline.stop()
-        wecom.stop()
-        api.stop()
 
 
-async def _staff_at_work(world: World, pipeline: Pipeline, ingest: IngestProcess, cryptos: dict):
+def test_lost_callbacks_are_repaired_by_one_reconcile_and_a_second_finds_nothing(kafka_broker, tmp_path):
+    world = World(seed=8, customers_per_corp=8)
+    with Deployment(tmp_path, world) as deployment:
+        stats = deployment.staff_at_work(drop_rate=0.08)
+        assert stats.dropped >= 2, "the seed must lose some callbacks"
+        first = deployment.tagstream("reconcile")
+        assert "synthetic callbacks written" in first
+        deployment.wait_for_events_to_settle()
+        # when the enrichment handled each relationship's synthetic callback: the model's ts
+        found_at = {}
+        for event in deployment.events("tag_events"):
+            if event.get("source") == "tagstream_reconcile":
+                found_at[(event["corp_id"], event["external_userid"])] = event["ts"]
+        world.reconciled(found_at)
+        deployment.assert_reports_equal_the_model()
+        events_before = len(deployment.events("tag_events")) + len(deployment.events("contact_events"))
+        second = deployment.tagstream("reconcile")
+        assert "0 synthetic callbacks written" in second, second
+        time.sleep(3)
+        assert len(deployment.events("tag_events")) + len(deployment.events("contact_events")) == events_before
+
+
+def test_tags_applied_through_tagstream_are_reported_without_a_callback(kafka_broker, tmp_path):
+    world = World(seed=11, customers_per_corp=2)
+    with Deployment(tmp_path, world) as deployment:
+        corp = sorted(CORPS)[0]
+        customers = sorted(c for (k, c) in world.scripts if k == corp)
+        for customer in customers:                 # only the adds, through callbacks
+            world.scripts[(corp, customer)] = world.scripts[(corp, customer)][:1]
+        for key in [k for k in world.scripts if k[0] != corp]:
+            del world.scripts[key]
+        deployment.staff_at_work()
+        sent_callbacks = deployment.ingest.metrics()
+        deployment.tagstream("tag", "--corp", corp, "--userid", World.USERID, "--customer", customers[0],
+                             "--add", "etVALID,etREGION")
+
+        async def post_tags():
+            async with aiohttp.ClientSession() as session:
+                body = {"corp_id": corp, "userid": World.USERID, "external_userid": customers[1], "add": ["etORDER"]}
+                async with session.post(deployment.ingest.base_url + "/tags", json=body,
+                                        headers={"Authorization": "Bearer wrong"}) as refused:
+                    assert refused.status == 401
+                async with session.post(deployment.ingest.base_url + "/tags", json=body,
+                                        headers={"Authorization": f"Bearer {Deployment.API_TOKEN}"}) as response:
+                    return response.status
+        assert asyncio.run(post_tags()) == 200
+        assert len(world.fake.marked) == 2
+        # no callback was sent for them: the ingest's callback count did not move
+        assert total(deployment.ingest.metrics(), "tagstream_wecom_callbacks_total", outcome="accepted") == \
+            total(sent_callbacks, "tagstream_wecom_callbacks_total", outcome="accepted")
+        want = {hashlib.sha256(f"{corp}|{customers[0]}|VALID".encode()).hexdigest(),
+                hashlib.sha256(f"{corp}|{customers[1]}|ORDER".encode()).hexdigest()}
+        wait_until(lambda: set(deployment.marketing.accepted) >= want, 60, "the tagged customers' reports",
+                   deployment.worker, deployment.enrich, deployment.sink)
+        sources = {e["source"] for e in deployment.events("tag_events")}
+        assert sources == {"tagstream_tag"}
+
+
+async def _staff_at_work(world: World, pipeline: Pipeline, ingest: IngestProcess, cryptos: dict,
+                         drop_rate: float = 0.0):
     """Every customer's script, customers interleaved; a customer's next change waits until
     its last callback's events are out (read from the event topics)."""
     async with CallbackSender(ingest.base_url, cryptos, timeout_s=5.0, retry_intervals_s=(0.2, 0.4, 0.8),
-                              seed=3) as sender:
+                              seed=3, drop_rate=drop_rate) as sender:
         queues = {key: list(steps) for key, steps in world.scripts.items()}
         done_events = 0
         step_number = 0
@@ -198,10 +348,12 @@ async def _staff_at_work(world: World, pipeline: Pipeline, ingest: IngestProcess
                     world.fake.invalidate_tokens()
                 if step_number == 40:
                     world.fake.frequency_limit(sorted(CORPS)[1], 2.0)
-                if step_number % 9 == 0:
+                if step_number % 9 == 0 and not sender.drop_rate:
                     await sender.send_twice(corp, callback)
+                    delivered = True
                 else:
-                    assert await sender.send(corp, callback)
+                    delivered = await sender.send(corp, callback)
+                world.observe(corp, customer, step, callback, delivered)
             with world.lock:
                 want = len(world.expected_events)
             deadline = time.monotonic() + 60
@@ -214,8 +366,6 @@ async def _staff_at_work(world: World, pipeline: Pipeline, ingest: IngestProcess
 
 
 def _model(world: World, the_rules: list) -> tuple[list, list]:
-    events = sorted(world.expected_events, key=lambda e: (e["ts"], e["kind"] != "contact"))
-    for event in events:
-        event.pop("kind")
+    events = sorted(world.expected_events, key=lambda e: (e["ts"], "op" in e))
     return reference_reports(the_rules, events, partition_of=lambda key: kafka_partition(key, PARTITIONS),
                              delay_hold_ms=HOLD_MS)
