@@ -65,6 +65,8 @@ def monitored_groups(settings: Settings) -> dict[str, list[str]]:
         settings.app_id: [settings.topic("tag_events_topic"), settings.topic("contact_events_topic"),
                           settings.topic("tag_mappings_topic")],
         f"{settings.app_id}-sink": [settings.topic("conversion_reports_topic")],
+        # the WeCom enrichment (streams/wecom/enrich.py): its lag is the enrichment lag
+        f"{settings.app_id}-enrich": [settings.topic("wecom_callbacks_topic")],
     }
 
 

@@ -12,6 +12,11 @@ Names (agents/customers.py, `_make_durable`):
 - `changelog-sent`:  the state's changelog records are handed to the producer, not acked.
 - `changelog-acked`: the changelog has the state; local RocksDB does not.
 - `state-durable`:   state is durable; Faust may not commit the offsets yet.
+
+The WeCom ingest and enrichment (streams/wecom/):
+- `callback-written`: the ingest wrote a callback to wecom-callbacks, and has not answered.
+- `enrich-sent`:      the enrichment sent a batch's events and snapshots in its transaction,
+                      and has not committed it.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import os
 import signal
 from typing import Optional
 
-NAMES = ("reports-acked", "changelog-sent", "changelog-acked", "state-durable")
+NAMES = ("reports-acked", "changelog-sent", "changelog-acked", "state-durable", "callback-written", "enrich-sent")
 
 
 def _parse(spec: Optional[str]) -> Optional[tuple[str, int]]:

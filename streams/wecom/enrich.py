@@ -44,6 +44,7 @@ from schemas.validation import Rejection
 from streams.kafka import connection
 from streams.observability import metrics
 from streams.settings import Settings
+from streams.state.failpoints import failpoint
 from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Corp
 from streams.wecom.enrichment import (ADDS, DELETES, Snapshot, contact_event, corp_tags, diff_tags,
@@ -239,6 +240,8 @@ class Enrichment:
                 for topic, key, value, partition in out.records:
                     await producer.send(topic, key=key, value=value, partition=partition)
             await producer.send_offsets_to_transaction({tp: commit_to}, self.group)
+            await producer.flush()
+            failpoint("enrich-sent")
         self.snapshots[tp.partition] = staged
         metrics.WECOM_ENRICHED.labels("committed").inc(sum(1 for r in records if r.offset < commit_to))
         if retry_from is not None:

@@ -46,6 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from streams.kafka import connection
 from streams.observability import metrics
 from streams.settings import Settings
+from streams.state.failpoints import failpoint
 from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Corp
 from streams.wecom.crypto import Refused
@@ -131,6 +132,7 @@ class CallbackIngest:
         kind = kind_of(callback)
         try:
             await (await self.producer.send(self.topic, key=callback.key(), value=callback.to_wire()))
+            failpoint("callback-written")
         except Exception as exc:        # the broker is unreachable or refused: WeCom retries
             metrics.WECOM_CALLBACKS.labels(kind, "not_written").inc()
             log.warning("callback of corp %s not written to %s (%s); answered 503, WeCom retries",

@@ -167,8 +167,11 @@ class Deployment:
 
     API_TOKEN = "ingest-api-token-for-tests"
 
-    def __init__(self, tmp_path, world: World):
+    def __init__(self, tmp_path, world: World, failpoints: dict[str, str] | None = None):
         self.tmp_path, self.world = tmp_path, world
+        self.failpoints = failpoints or {}     # "ingest" / "enrich" -> TAGSTREAM_FAILPOINT
+        self.restarts = 0
+        self.stopping = threading.Event()
         self.now_ms = int(time.time() * 1000)
         self.pipeline = Pipeline(tmp_path, partitions=PARTITIONS, delay_hold=HOLD_MS, idle_grace=1000,
                                  sink_rate_limit=60_000)
@@ -192,14 +195,33 @@ class Deployment:
                                "reconcile_state_dir": str(self.tmp_path / "reconcile")}
         self.worker = pipeline.start_worker()
         self.worker.wait_for_rules(len(self.rules))
-        self.ingest = IngestProcess(pipeline, CORPS, self.tmp_path / "ingest.log", **self.wecom_settings).start()
+        self.ingest = IngestProcess(pipeline, CORPS, self.tmp_path / "ingest.log", **self.wecom_settings,
+                                    **({"failpoint": self.failpoints["ingest"]} if "ingest" in self.failpoints else {})
+                                    ).start()
         self.enrich = IngestProcess(pipeline, CORPS, self.tmp_path / "enrich.log", command="enrich",
-                                    **self.wecom_settings).start()
+                                    **self.wecom_settings,
+                                    **({"failpoint": self.failpoints["enrich"]} if "enrich" in self.failpoints else {})
+                                    ).start()
+        if self.failpoints:
+            threading.Thread(target=self._supervise, daemon=True).start()
         self.sink = SinkProcess(pipeline, self.api.base_url, self.tmp_path / "token", self.tmp_path / "sink.log").start()
         self.processes = [self.ingest, self.enrich, self.sink]
         return self
 
+    def _supervise(self) -> None:
+        """Restart the ingest or the enrichment when a failpoint killed it (without it)."""
+        while not self.stopping.is_set():
+            for process in (self.ingest, self.enrich):
+                if process.process.poll() is not None and not self.stopping.is_set():
+                    assert process.process.returncode == -9, f"{process.command} exited {process.process.returncode}"
+                    process.env.pop("TAGSTREAM_FAILPOINT", None)
+                    process.start() if process.command == "enrich" else process.start(timeout=30)
+                    self.restarts += 1
+            time.sleep(0.1)
+
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        time.sleep(0.3)
         for process in self.processes:
             process.stop()
         self.pipeline.stop()
@@ -211,9 +233,10 @@ class Deployment:
                 assert secret not in log and token not in log and key not in log, f"a secret in {name}"
             assert self.API_TOKEN not in log
 
-    def staff_at_work(self, drop_rate: float = 0.0):
+    def staff_at_work(self, drop_rate: float = 0.0, retry_intervals_s: tuple = (0.2, 0.4, 0.8)):
         cryptos = {corp: CallbackCrypto(token, key) for corp, (token, key, _, _) in CORPS.items()}
-        return asyncio.run(_staff_at_work(self.world, self.pipeline, self.ingest, cryptos, drop_rate))
+        return asyncio.run(_staff_at_work(self.world, self.pipeline, self.ingest, cryptos, drop_rate,
+                                          retry_intervals_s))
 
     def tagstream(self, *args: str) -> str:
         """A `tagstream` command against this deployment; its stdout."""
@@ -267,6 +290,24 @@ def test_staff_tags_in_two_corps_reach_the_marketing_api_exactly_once(kafka_brok
         assert world.fake.calls_of("externalcontact/get", 40014) >= 1
         assert world.fake.calls_of("externalcontact/get", 45009) >= 1
         assert world.fake.calls_of("externalcontact/get", -1) >= 1
+
+
+def test_killing_the_ingest_before_it_answers_and_the_enrichment_before_it_commits_loses_and_doubles_nothing(
+        kafka_broker, tmp_path):
+    """The ingest SIGKILLs itself after writing a callback and before answering (WeCom then
+    retries it: a second record of the same callback), and the enrichment after sending a
+    batch's events and before committing its transaction (aborted; the next owner redoes it
+    with the same ids). Reports still equal the model, none twice, every event id once on
+    the committed log."""
+    world = World(seed=13, customers_per_corp=6)
+    with Deployment(tmp_path, world, failpoints={"ingest": "callback-written:7", "enrich": "enrich-sent:5"}) as d:
+        stats = d.staff_at_work(retry_intervals_s=(1.0, 2.0, 4.0))
+        assert stats.dropped == 0
+        d.assert_reports_equal_the_model()
+        assert d.restarts >= 2, "both failpoints fire"
+        for topic in ("tag_events", "contact_events"):
+            ids = [e["event_id"] for e in d.events(topic)]
+            assert len(ids) == len(set(ids)) or topic == "contact_events", f"an aborted event on {topic}"
 
 
 def test_lost_callbacks_are_repaired_by_one_reconcile_and_a_second_finds_nothing(kafka_broker, tmp_path):
@@ -328,10 +369,10 @@ def test_tags_applied_through_tagstream_are_reported_without_a_callback(kafka_br
 
 
 async def _staff_at_work(world: World, pipeline: Pipeline, ingest: IngestProcess, cryptos: dict,
-                         drop_rate: float = 0.0):
+                         drop_rate: float = 0.0, retry_intervals_s: tuple = (0.2, 0.4, 0.8)):
     """Every customer's script, customers interleaved; a customer's next change waits until
     its last callback's events are out (read from the event topics)."""
-    async with CallbackSender(ingest.base_url, cryptos, timeout_s=5.0, retry_intervals_s=(0.2, 0.4, 0.8),
+    async with CallbackSender(ingest.base_url, cryptos, timeout_s=5.0, retry_intervals_s=retry_intervals_s,
                               seed=3, drop_rate=drop_rate) as sender:
         queues = {key: list(steps) for key, steps in world.scripts.items()}
         done_events = 0
