@@ -285,6 +285,8 @@ class CustomerEvents:
         self.lock = asyncio.Lock()          # the agent and the timer take turns
         self.started = False
         self.heap_frozen = False
+        self.last_unknown: Optional[tuple] = None        # why `_caught_up` last answered None
+        self.forced_logged_at = 0.0
         # Group commit: steps applied since the last commit, their reports' deliveries, and
         # their outcome counts (exported once per batch).
         self.batch_max = batch_max
@@ -550,14 +552,16 @@ class CustomerEvents:
     def _position(self, tp: TP) -> Optional[int]:
         """The next offset of `tp` this worker will receive (None: cannot tell yet)."""
         seen = self.seen.get(tp)
-        if seen is not None:
-            return seen + 1
-        # Nothing received since assignment: the consumer hands over records from the
-        # committed offset, or, with none committed, from the earliest offset it rewound to.
-        # (Answering "unknown" there let a fresh group whose fetches brought tag events first
-        # apply them ahead of the contact events before them: found by the chaos run, see
+        # The consumer's `next_offsets`: from the committed offset (or, with none committed,
+        # the earliest offset it rewound to), advanced by each batch handed over and past
+        # offsets no fetch returns (transaction markers). (Answering "unknown" before the
+        # first record let a fresh group whose fetches brought tag events first apply them
+        # ahead of the contact events before them: found by the chaos run, see
         # tests/integration/test_merge_catching_up.py.)
-        return getattr(self.app.consumer, "next_offsets", {}).get(tp)
+        handed = getattr(self.app.consumer, "next_offsets", {}).get(tp)
+        if seen is None:
+            return handed
+        return seen + 1 if handed is None else max(seen + 1, handed)
 
     def _caught_up(self, tp: TP, since: float, probe: bool = True) -> Union[bool, str, None]:
         """Has this worker received every record that was in `tp` at (monotonic ms) `since`?
@@ -575,14 +579,21 @@ class CustomerEvents:
             known.append(self.end_offsets[tp])
         position = self._position(tp)
         if position is None:
-            return True if known and all(end == 0 for end, _ in known) else None
+            if known and all(end == 0 for end, _ in known):
+                return True
+            self.last_unknown = (tp, "position unknown", known)
+            return None
         if any(position < end for end, _ in known):
             return False
         if known and max(as_of for _, as_of in known) >= since:
             return True
         if probe and self.prober is not None:
             self._want_end_offset(tp)
-            return None if self.probe_failures else ASKED
+            if self.probe_failures:
+                self.last_unknown = (tp, f"{self.probe_failures} probes failed", known)
+                return None
+            return ASKED
+        self.last_unknown = (tp, "no probe", known)
         return None
 
     # -- end-offset probes -----------------------------------------------------------------
@@ -644,5 +655,14 @@ class CustomerEvents:
         stats = self.merge.stats
         for wait_ms in stats.take_waits():
             metrics.MERGE_WAIT_SECONDS.observe(wait_ms / 1000)
-        for cause, count in stats.take_forced().items():
+        forced = stats.take_forced()
+        for cause, count in forced.items():
             metrics.MERGE_FORCED.labels(cause).inc(count)
+        if forced and time.monotonic() - self.forced_logged_at > 10:
+            # Outside a broker outage a forced release is a defect (an event applied possibly
+            # out of ts order): say why the other topic's answer was unknown.
+            self.forced_logged_at = time.monotonic()
+            tp, why, known = self.last_unknown or (None, "?", [])
+            log.warning("merge: %s released out of ts order without knowing the other topic (%s: %s; "
+                        "position %s, known ends %s)", dict(forced), tp and f"{tp.topic}[{tp.partition}]", why,
+                        tp and self._position(tp), known)

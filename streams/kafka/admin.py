@@ -125,3 +125,14 @@ async def _wait_for_metadata(admin: AIOKafkaAdminClient, topics: list[str]) -> d
                 f"topics {topics} are still missing from the broker's metadata after "
                 f"{METADATA_WAIT_S:.0f} s; check the broker's log (deploy/kafka/kafka.sh status)")
         await asyncio.sleep(0.1)
+
+
+async def topic_partitions(settings: Settings, topic: str) -> list[int]:
+    """The partition numbers of `topic` as the broker describes it (a consumer's own
+    `partitions_for_topic` knows only topics it has subscribed to or fetched)."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=30000)
+    await connection.start_client(admin)
+    try:
+        return list(range((await _wait_for_metadata(admin, [topic]))[topic]))
+    finally:
+        await admin.close()

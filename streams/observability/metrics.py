@@ -60,6 +60,10 @@ INPUT_STALLS = Counter(
     "Times the worker's consumer found input records waiting while it had handed none over for "
     "20 s with the rule book ready (each also logged as a warning with the consumer's state)",
 )
+INPUT_STALLS_REPAIRED = Counter(
+    "tagstream_input_stalls_repaired_total",
+    "Stalls the consumer repaired itself: input partitions left paused after a rebalance, resumed",
+)
 INPUT_REFETCHES = Counter(
     "tagstream_input_refetches_total",
     "Input partitions sought back because records before a fetched batch were dropped on the way "

@@ -42,6 +42,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from schemas.validation import Rejection
 from streams.kafka import connection
+from streams.kafka.admin import topic_partitions
 from streams.observability import metrics
 from streams.settings import Settings
 from streams.state.failpoints import failpoint
@@ -73,8 +74,7 @@ class CompactedReplica:
                                          enable_auto_commit=False, isolation_level="read_committed",
                                          client_id="tagstream-enrich-replica")
         await connection.start_client(self.consumer)
-        partitions = self.consumer.partitions_for_topic(self.topic) or set()
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(self.topic, p) for p in await topic_partitions(self.settings, self.topic)]
         self.consumer.assign(tps)
         await self.consumer.seek_to_beginning(*tps)
         self.task = asyncio.create_task(self._follow())
@@ -95,7 +95,7 @@ class CompactedReplica:
         ends = await self.consumer.end_offsets(tps)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(await self.consumer.position(tp) >= end for tp, end in ends.items()):
+            if all([await self.consumer.position(tp) >= end for tp, end in ends.items()]):
                 return True
             await asyncio.sleep(0.02)
         return False

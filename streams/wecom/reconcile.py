@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.kafka import connection
+from streams.kafka.admin import topic_partitions
 from streams.settings import Settings
 from streams.wecom.api import WeComClient
 from streams.wecom.enrichment import Snapshot, snapshot_key
@@ -72,7 +73,7 @@ async def wait_for_enrichment(settings: Settings, timeout_s: float = 120.0) -> b
     await connection.start_client(admin)
     try:
         await connection.start_client(consumer)
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        tps = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
         ends = await consumer.end_offsets(tps)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -93,12 +94,12 @@ async def read_snapshots(settings: Settings) -> dict[str, Snapshot]:
                                 isolation_level="read_committed")
     await connection.start_client(consumer)
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        tps = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         snapshots: dict[str, Snapshot] = {}
-        while any(await consumer.position(tp) < end for tp, end in ends.items()):
+        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for record in records:
                     key = record.key.decode()
