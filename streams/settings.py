@@ -83,6 +83,7 @@ class Settings:
     callback_max_age: int = _duration(10 * MINUTE, "a callback whose timestamp is further than this from the ingest's clock is refused (a replay, or a clock that is off)")
     wecom_rate_limit: int = _setting(6000, "WeCom API calls per minute per corp and API (WeCom allows 10,000)")
     wecom_request_timeout: int = _duration(5 * SECOND, "timeout of one WeCom API request (then retried)")
+    wecom_retry_budget: int = _duration(5 * SECOND, "how long one WeCom call is retried (busy, rate limits, 5xx, timeouts) before its callback is deferred and the corp's later callbacks wait behind it")
     ingest_api_token_file: str = _setting("", "file holding the bearer token of the ingest's POST /tags (tag through WeCom's API); empty: the endpoint is off")
     reconcile_state_dir: str = _setting(".state/reconcile", "where `tagstream reconcile` records how far it got, to resume after a crash")
     enrich_metrics_port: int = _setting(9466, "port of `tagstream enrich`'s Prometheus /metrics endpoint (0: none)")

@@ -245,8 +245,11 @@ WECOM_TOKEN_REFRESHES = Counter(
 WECOM_ENRICHED = Counter(
     "tagstream_wecom_callbacks_enriched_total",
     "Callbacks the enrichment took, by outcome: committed (their events are written), "
-    "retry_later (WeCom kept refusing; sought back), dead_lettered (a permanent errcode), ignored",
+    "deferred (WeCom kept refusing their corp; retried later), dead_lettered (a permanent errcode), ignored",
     ["outcome"])
+WECOM_DEFERRED = Gauge(
+    "tagstream_wecom_deferred_callbacks",
+    "Callbacks waiting because WeCom keeps refusing their corp (the others go on)")
 WECOM_TAG_EVENTS = Counter(
     "tagstream_wecom_tag_events_total",
     "Tag events the enrichment derived from snapshot diffs (an aborted transaction's are counted "

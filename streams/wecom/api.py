@@ -5,7 +5,8 @@
   sent once more; a second refusal is an error (the secret or the corp is wrong).
 - **Retries.** -1 (busy), 45009 (frequency limit), 45033 (concurrency), HTTP 5xx, timeouts
   and refused connections are retried with exponential backoff and full jitter, for at most
-  `retry_budget_s`; then `WeComUnavailable` (the caller keeps the callback and tries later).
+  `wecom_retry_budget` (5 s); then `WeComUnavailable` (the caller keeps the callback and
+  tries later).
 - **Permanent errors** (anything else, e.g. 84061: no such contact) raise `WeComError` with
   the errcode, which the enrichment dead-letters.
 - **Rate limit.** Each (corp, API) has a token bucket of `wecom_rate_limit` calls per minute,
@@ -17,6 +18,7 @@ logged (aiohttp logs no URLs here; errors are reported by API name and errcode o
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 import time
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ import aiohttp
 from streams.observability import metrics
 from streams.settings import Settings
 from streams.wecom.corps import Corp
+
+#: a shorter retry budget for the calls made inside it (the enrichment's retries of a
+#: deferred corp: one quick look, not another full budget)
+RETRY_BUDGET_S: contextvars.ContextVar = contextvars.ContextVar("wecom_retry_budget_s", default=None)
 
 RETRYABLE = frozenset({-1, 45009, 45033})
 TOKEN_REFUSED = frozenset({40014, 42001})
@@ -67,14 +73,14 @@ class _Bucket:
 class WeComClient:
     """Calls WeCom's API for the configured corps."""
 
-    def __init__(self, settings: Settings, corps: dict[str, Corp], *, retry_budget_s: float = 30.0,
+    def __init__(self, settings: Settings, corps: dict[str, Corp], *, retry_budget_s: Optional[float] = None,
                  backoff_base_s: float = 0.1, backoff_cap_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.base = settings.wecom_api_base.rstrip("/") + "/"
         self.corps = corps
         self.rate_per_minute = settings.wecom_rate_limit
         self.timeout = aiohttp.ClientTimeout(total=settings.wecom_request_timeout / 1000)
-        self.retry_budget_s = retry_budget_s
+        self.retry_budget_s = settings.wecom_retry_budget / 1000 if retry_budget_s is None else retry_budget_s
         self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
         self.clock, self.wall_clock = clock, wall_clock
         self.tokens: dict[str, tuple[str, float]] = {}          # corp -> (token, renew at, wall clock)
@@ -124,7 +130,8 @@ class WeComClient:
     async def call(self, corp_id: str, method: str, api: str, *, params: Optional[dict] = None,
                    json: Any = None) -> dict:
         """One API call with a token, retried as the module docstring says; the answer's JSON."""
-        deadline = self.clock() + self.retry_budget_s
+        budget_s = RETRY_BUDGET_S.get() or self.retry_budget_s
+        deadline = self.clock() + budget_s
         attempt = 0
         refreshed = False
         while True:
@@ -144,7 +151,7 @@ class WeComClient:
             pause = random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** attempt))
             if self.clock() + pause > deadline:
                 raise WeComUnavailable(f"{api} for corp {corp_id}: still {errcode if errcode is not None else 'failing'} "
-                                       f"after {attempt} attempts in {self.retry_budget_s:.0f} s")
+                                       f"after {attempt} attempts in {budget_s:.0f} s")
             await asyncio.sleep(pause)
 
     async def _send(self, method: str, api: str, params: dict, json: Any) -> tuple[Optional[int], Optional[dict]]:
@@ -171,7 +178,7 @@ class WeComClient:
             if cached and self.wall_clock() < cached[1]:
                 return cached[0]
             corp = self.corps[corp_id]
-            deadline = self.clock() + self.retry_budget_s
+            deadline = self.clock() + (RETRY_BUDGET_S.get() or self.retry_budget_s)
             attempt = 0
             while True:
                 errcode, answer = await self._send("GET", "gettoken",

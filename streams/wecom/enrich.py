@@ -18,11 +18,14 @@ diffs from the same versions, so the same event ids (streams/wecom/enrichment.py
 worker reads its input `read_committed`, so it never sees an aborted event.
 
 **One corp never stops the others.** A callback whose corp WeCom keeps refusing after the
-client's retries (`WeComUnavailable`) is not committed: that key's later callbacks in the
-batch wait, the transaction commits everything else with the partition's offset at the
-first such callback, and the partition is sought back to it after a pause. Callbacks
-applied again that way find their snapshot already moved and produce nothing (an add's
-contact event comes out with its same id, which the worker drops).
+client's retries (`WeComUnavailable`) is *deferred*: it and every later callback of that
+corp on the partition wait in the corp's queue, in order, while the others go on. The
+corp's queue is retried after a pause (2 s, doubling to a minute). The committed offset
+stays at the oldest deferred callback, so a restart reads the deferred callbacks again;
+the callbacks after it that were enriched find their snapshot moved and write nothing new
+(an add's contact event comes out with its same id, which the worker drops). A partition
+holding more than `MAX_DEFERRED` deferred callbacks stops fetching until they drain (a
+memory bound, logged).
 
 Permanent API errors (e.g. 84061, no such contact) send the callback to `dead-letters`
 with the errcode. Click ids come from `ad-clicks` (a replica of the compacted topic, read to
@@ -34,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Optional
 
 import orjson
@@ -46,7 +49,7 @@ from streams.kafka.admin import topic_partitions
 from streams.observability import metrics
 from streams.settings import Settings
 from streams.state.failpoints import failpoint
-from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
+from streams.wecom.api import RETRY_BUDGET_S, WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Corp
 from streams.wecom.enrichment import (ADDS, DELETES, Snapshot, contact_event, corp_tags, diff_tags,
                                       follow_user_of, snapshot_key)
@@ -54,10 +57,19 @@ from streams.wecom.messages import Callback
 
 log = logging.getLogger(__name__)
 
-#: how long a partition pauses after a corp's callback could not be enriched
+#: how long a corp's deferred callbacks wait before the first retry (doubling to a minute)
 RETRY_PAUSE_S = 2.0
+#: the retry budget of a deferred corp's retry: one quick look while the others wait
+RETRY_LOOK_S = 1.0
+#: deferred callbacks a partition may hold in memory before its fetching pauses
+MAX_DEFERRED = 50_000
 #: how long an add waits for the ad-clicks replica to reach the topic's end
 CLICKS_WAIT_S = 5.0
+
+
+def _corp_of(record) -> str:
+    """The corp of a wecom-callbacks record, from its key (corp_id:external_userid or corp_id)."""
+    return record.key.decode().split(":", 1)[0]
 
 
 class CompactedReplica:
@@ -131,7 +143,11 @@ class Enrichment:
         self.tags_topic = settings.topic("wecom_tags_topic")
         self.snapshots: dict[int, dict[str, Snapshot]] = {}
         self.producers: dict[int, AIOKafkaProducer] = {}
-        self.paused_until: dict[int, float] = {}
+        # Callbacks of corps WeCom keeps refusing, per partition and corp, in offset order
+        self.deferred: dict[int, dict[str, deque]] = {}
+        self.retry_at: dict[tuple[int, str], float] = {}
+        self.retry_pause: dict[tuple[int, str], float] = {}
+        self.read_to: dict[int, int] = {}         # partition -> next offset after the last batch read
         self.lock = asyncio.Lock()
         self.consumer: Optional[AIOKafkaConsumer] = None
         self.clicks = CompactedReplica(settings, settings.topic("ad_clicks_topic"))
@@ -158,6 +174,11 @@ class Enrichment:
                 if producer is not None:
                     await producer.stop()
                 self.snapshots.pop(tp.partition, None)
+                self.deferred.pop(tp.partition, None)       # the next owner reads them again
+                self.read_to.pop(tp.partition, None)
+                for key in [k for k in self.retry_at if k[0] == tp.partition]:
+                    self.retry_at.pop(key, None)
+                    self.retry_pause.pop(key, None)
 
     async def _restore(self, partition: int) -> dict[str, Snapshot]:
         consumer = AIOKafkaConsumer(**connection.client_kwargs(self.settings), group_id=None,
@@ -203,12 +224,12 @@ class Enrichment:
         await connection.start_client(self.consumer)
         try:
             while not stop.is_set():
-                self._resume_due()
                 batches = await self.consumer.getmany(timeout_ms=200, max_records=500)
                 async with self.lock:
                     for tp, records in batches.items():
                         if tp.partition in self.producers and records:
                             await self._enrich_batch(tp, records)
+                    await self._retry_deferred()
         finally:
             await self.consumer.stop()
             for producer in self.producers.values():
@@ -216,56 +237,105 @@ class Enrichment:
             await self.clicks.stop()
             await self.catalogue.stop()
 
-    def _resume_due(self) -> None:
-        now = time.monotonic()
-        for partition, until in list(self.paused_until.items()):
-            if now >= until:
-                del self.paused_until[partition]
-                self.consumer.resume(TopicPartition(self.callbacks_topic, partition))
-
     async def _enrich_batch(self, tp: TopicPartition, records: list) -> None:
-        """One transaction for a partition's batch (see the module docstring)."""
+        """One transaction for a partition's batch (see the module docstring). Callbacks of
+        a corp that is deferred wait in its queue; keys are enriched concurrently, each in
+        order."""
+        deferred = self.deferred.setdefault(tp.partition, {})
         by_key: dict[bytes, list] = defaultdict(list)
         for record in records:
-            by_key[record.key].append(record)
+            corp_id = _corp_of(record)
+            if corp_id in deferred:
+                deferred[corp_id].append(record)
+            else:
+                by_key[record.key].append(record)
         staged = dict(self.snapshots[tp.partition])
         outputs = {key: _Outputs() for key in by_key}
-        failed = await asyncio.gather(*(self._enrich_key(tp.partition, recs, staged, outputs[key])
-                                        for key, recs in by_key.items()))
-        retry_from = min((offset for offset in failed if offset is not None), default=None)
-        commit_to = retry_from if retry_from is not None else records[-1].offset + 1
+        waiting = await asyncio.gather(*(self._enrich_key(tp.partition, recs, staged, outputs[key])
+                                         for key, recs in by_key.items()))
+        for rest in sorted((r for rest in waiting for r in rest), key=lambda r: r.offset):
+            deferred.setdefault(_corp_of(rest), deque()).append(rest)
+            self.retry_at.setdefault((tp.partition, _corp_of(rest)), time.monotonic() + RETRY_PAUSE_S)
+        self.read_to[tp.partition] = records[-1].offset + 1
+        await self._commit(tp, staged, [out for out in outputs.values()])
+        if sum(len(queue) for queue in deferred.values()) > MAX_DEFERRED:
+            self.consumer.pause(tp)           # memory bound; resumed when the queues drain
+            log.warning("enrich: partition %d: more than %d callbacks deferred; fetching paused", tp.partition,
+                        MAX_DEFERRED)
+
+    async def _commit(self, tp: TopicPartition, staged: dict, outputs: list) -> None:
+        """The outputs, the snapshots and the offset in one transaction. The offset is the
+        oldest deferred callback's, so a restart reads every deferred callback again (and
+        the callbacks after it: their snapshots moved, so they write nothing new)."""
+        deferred = self.deferred.get(tp.partition, {})
+        heads = [queue[0].offset for queue in deferred.values() if queue]
+        commit_to = min(heads + [self.read_to[tp.partition]])
         producer = self.producers[tp.partition]
         async with producer.transaction():
-            for out in outputs.values():
+            for out in outputs:
                 for topic, key, value, partition in out.records:
                     await producer.send(topic, key=key, value=value, partition=partition)
             await producer.send_offsets_to_transaction({tp: commit_to}, self.group)
             await producer.flush()
             failpoint("enrich-sent")
         self.snapshots[tp.partition] = staged
-        metrics.WECOM_ENRICHED.labels("committed").inc(sum(1 for r in records if r.offset < commit_to))
-        if retry_from is not None:
-            self.consumer.seek(tp, retry_from)
-            self.consumer.pause(tp)
-            self.paused_until[tp.partition] = time.monotonic() + RETRY_PAUSE_S
+        metrics.WECOM_DEFERRED.set(sum(len(q) for d in self.deferred.values() for q in d.values()))
 
-    async def _enrich_key(self, partition: int, records: list, staged: dict, out: _Outputs) -> Optional[int]:
-        """One key's callbacks in order; the offset of the first that must be retried, if any."""
-        for record in records:
+    async def _retry_deferred(self) -> None:
+        """Each deferred corp whose pause is over: its queue in order, until WeCom refuses
+        again (then a longer pause, up to a minute) or the queue is empty."""
+        now = time.monotonic()
+        for partition, deferred in list(self.deferred.items()):
+            if partition not in self.producers:
+                continue
+            staged = dict(self.snapshots[partition])
+            outputs = []
+            for corp_id in [c for c in deferred if self.retry_at.get((partition, c), 0) <= now]:
+                queue, out = deferred[corp_id], _Outputs()
+                outputs.append(out)
+                while queue:
+                    budget = RETRY_BUDGET_S.set(RETRY_LOOK_S)
+                    try:
+                        refused = await self._enrich_key(partition, [queue[0]], staged, out)
+                    finally:
+                        RETRY_BUDGET_S.reset(budget)
+                    if refused:
+                        pause = min(60.0, 2 * self.retry_pause.get((partition, corp_id), RETRY_PAUSE_S / 2))
+                        self.retry_pause[(partition, corp_id)] = pause
+                        self.retry_at[(partition, corp_id)] = time.monotonic() + pause
+                        break
+                    queue.popleft()
+                if not queue:
+                    del deferred[corp_id]
+                    self.retry_at.pop((partition, corp_id), None)
+                    self.retry_pause.pop((partition, corp_id), None)
+                    log.info("enrich: corp %s: deferred callbacks of partition %d done", corp_id, partition)
+            if outputs:
+                tp = TopicPartition(self.callbacks_topic, partition)
+                await self._commit(tp, staged, outputs)
+                if sum(len(q) for q in deferred.values()) <= MAX_DEFERRED // 2 and tp in self.consumer.paused():
+                    self.consumer.resume(tp)
+
+    async def _enrich_key(self, partition: int, records: list, staged: dict, out: _Outputs) -> list:
+        """One key's callbacks in order; those that must wait (WeCom kept refusing the first
+        of them: it and every later one of the key)."""
+        for i, record in enumerate(records):
             callback = Callback.from_wire(record.value)
             try:
                 await self._enrich(partition, callback, staged, out)
             except WeComUnavailable as exc:
-                metrics.WECOM_ENRICHED.labels("retry_later").inc()
-                log.warning("enrich: corp %s: %s; its callback waits, other corps go on", callback.corp_id, exc)
-                return record.offset
+                metrics.WECOM_ENRICHED.labels("deferred").inc()
+                log.warning("enrich: corp %s: %s; its callbacks wait, other corps go on", callback.corp_id, exc)
+                return records[i:]
             except WeComError as exc:
                 metrics.WECOM_ENRICHED.labels("dead_lettered").inc()
                 rejection = Rejection("wecom_errcode", f"{exc.api}: errcode {exc.errcode} {exc.errmsg}".strip())
                 letter = rejection.dead_letter(topic=record.topic, partition=record.partition, offset=record.offset,
                                                key=record.key, value=record.value, at=int(time.time() * 1000))
                 out.add(self.dead_letters_topic, record.key.decode(), orjson.dumps(letter.as_wire()))
-        return None
+            else:
+                metrics.WECOM_ENRICHED.labels("committed").inc()
+        return []
 
     async def _enrich(self, partition: int, callback: Callback, staged: dict, out: _Outputs) -> None:
         corp = self.corps.get(callback.corp_id)

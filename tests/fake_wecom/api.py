@@ -94,7 +94,7 @@ class FakeWeComApi:
 
     def frequency_limit(self, corp_id: str, seconds: float) -> None:
         """45009 for every call of the corp for `seconds` (WeCom blocks for 60 s)."""
-        self.freq_limited_until[corp_id] = self.clock() + seconds
+        self.freq_limited_until[corp_id] = max(self.freq_limited_until.get(corp_id, 0), self.clock() + seconds)
 
     def calls_of(self, api: str, errcode: Optional[int] = None) -> int:
         return sum(n for (name, code), n in self.calls.items() if name == api and (errcode is None or code == errcode))

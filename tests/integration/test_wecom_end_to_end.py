@@ -27,7 +27,7 @@ import time
 import aiohttp
 import orjson
 
-from streams.observability.observe import total
+from streams.observability.observe import scrape, total
 from tests.logs import kafka_partition
 from tests.fake_wecom.api import FakeWeComApi, Staff
 from tests.fake_wecom.callbacks import CallbackSender
@@ -90,6 +90,7 @@ class World:
         self.expected_events: list[dict] = []
         self.seen: dict[tuple, set] = {}          # relationship -> tags as the enrichment last saw them
         self.added: dict[tuple, tuple] = {}       # relationship -> (createtime ms, state, unionid)
+        self.deleted_at: dict[tuple, int] = {}
         self.lock = threading.Lock()
 
     def tags_now(self, corp: str, customer: str) -> set:
@@ -105,7 +106,9 @@ class World:
             return callback
         if step[0] == "tag":
             return self.staff.tag(corp, customer, self.USERID, add=step[1], remove=step[2])
-        return self.staff.delete_follow(corp, customer, self.USERID)
+        callback = self.staff.delete_follow(corp, customer, self.USERID)
+        self.deleted_at[(corp, customer)] = callback["CreateTime"] * 1000
+        return callback
 
     def _add_event(self, corp: str, customer: str) -> dict:
         createtime, state, unionid = self.added[(corp, customer)]
@@ -120,9 +123,11 @@ class World:
                 for i, (op, t) in enumerate([("add", t) for t in sorted(after - before)] +
                                             [("remove", t) for t in sorted(before - after)])]
 
+    refused_corps: set = set()          # corps WeCom refuses while the staff work
+
     def observe(self, corp: str, customer: str, step: tuple, callback: dict, delivered: bool) -> None:
         """What the enrichment makes of this change (nothing if its callback was lost)."""
-        if not delivered:
+        if not delivered or corp in self.refused_corps:
             return
         key, events = (corp, customer), []
         if step[0] == "delete":
@@ -138,6 +143,24 @@ class World:
             self.seen[key] = now
         with self.lock:
             self.expected_events += events
+
+    def enriched_late(self, corp: str) -> None:
+        """What the enrichment makes of a corp's callbacks handled only after the staff were
+        done: the oldest (the add) finds the final tags, stamped with its CreateTime (the
+        relationship's createtime); the rest find no difference; a delete is a delete."""
+        for (c, customer), steps in self.scripts.items():
+            if c != corp:
+                continue
+            self.expected_events.append(self._add_event(corp, customer))
+            record = self.fake.corps[corp].customers[customer]
+            if self.USERID in record.follows:
+                createtime = self.added[(corp, customer)][0]
+                self.expected_events += self._diff(corp, customer, set(), self.tags_now(corp, customer), createtime)
+            else:
+                self.expected_events.append({
+                    "event_id": f"x-{corp}-{customer}-del", "corp_id": corp, "external_userid": customer,
+                    "userid": self.USERID, "change_type": "del_external_contact", "ts": self.deleted_at[(corp, customer)],
+                    "state": None})
 
     def reconciled(self, reconcile_ts: dict[tuple, int]) -> None:
         """What a reconcile finds for each relationship that still exists (`reconcile_ts`:
@@ -167,9 +190,10 @@ class Deployment:
 
     API_TOKEN = "ingest-api-token-for-tests"
 
-    def __init__(self, tmp_path, world: World, failpoints: dict[str, str] | None = None):
+    def __init__(self, tmp_path, world: World, failpoints: dict[str, str] | None = None, **settings):
         self.tmp_path, self.world = tmp_path, world
         self.failpoints = failpoints or {}     # "ingest" / "enrich" -> TAGSTREAM_FAILPOINT
+        self.settings = settings               # more TAGSTREAM_* settings of the ingest and the enrichment
         self.restarts = 0
         self.stopping = threading.Event()
         self.now_ms = int(time.time() * 1000)
@@ -192,7 +216,7 @@ class Deployment:
         (self.tmp_path / "api-token").write_text(self.API_TOKEN)
         self.wecom_settings = {"wecom_api_base": f"{self.wecom.base_url}/cgi-bin/",
                                "ingest_api_token_file": str(self.tmp_path / "api-token"),
-                               "reconcile_state_dir": str(self.tmp_path / "reconcile")}
+                               "reconcile_state_dir": str(self.tmp_path / "reconcile"), **self.settings}
         self.worker = pipeline.start_worker()
         self.worker.wait_for_rules(len(self.rules))
         self.ingest = IngestProcess(pipeline, CORPS, self.tmp_path / "ingest.log", **self.wecom_settings,
@@ -315,6 +339,26 @@ def test_killing_the_ingest_before_it_answers_and_the_enrichment_before_it_commi
         for topic in ("tag_events", "contact_events"):
             ids = [e["event_id"] for e in d.events(topic)]
             assert len(ids) == len(set(ids)) or topic == "contact_events", f"an aborted event on {topic}"
+
+
+def test_a_corp_wecom_keeps_refusing_waits_while_the_other_corp_flows(kafka_broker, tmp_path):
+    """WeCom answers 45009 to every call for corp B while the staff of both corps work: A's
+    reports come as if B did not exist, B's callbacks wait (deferred, not lost), and once
+    WeCom lets B through, B's reports come too, each once."""
+    world = World(seed=17, customers_per_corp=5)
+    a, b = sorted(CORPS)
+    with Deployment(tmp_path, world, wecom_retry_budget="1s") as deployment:
+        world.refused_corps = {b}
+        world.fake.frequency_limit(b, 10**6)
+        deployment.staff_at_work()
+        deployment.assert_reports_equal_the_model()          # A's, and nothing of B's
+        deferred = total(scrape(int(deployment.enrich.env["TAGSTREAM_ENRICH_METRICS_PORT"])),
+                         "tagstream_wecom_deferred_callbacks")
+        assert deferred > 0
+        world.fake.freq_limited_until[b] = 0                 # WeCom lets B through again
+        world.refused_corps = set()
+        world.enriched_late(b)
+        deployment.assert_reports_equal_the_model()
 
 
 def test_lost_callbacks_are_repaired_by_one_reconcile_and_a_second_finds_nothing(kafka_broker, tmp_path):
