@@ -110,6 +110,12 @@ def _monotonic_ms() -> float:
 #: probe's answer however slow (a loaded cluster is not an outage), so this bounds that wait;
 #: after a failure, heads wait at most `merge_wait` more.
 PROBE_TIMEOUT_MS = 2_000
+#: Buffered events of one topic in one partition at which that topic's partition stops
+#: fetching until the other topic catches up (`_balance_fetching`), and where it resumes.
+#: A fetched batch is at most `partition_fetch_bytes` (1 MiB, a few thousand events), so the
+#: merge's own `max_buffered` (10,000) is never reached by a paused partition.
+MERGE_PAUSE_AT = 2_000
+MERGE_RESUME_AT = 500
 #: Pause after a failed probe before the next (the broker is likely down or moving leaders).
 PROBE_RETRY_S = 0.2
 
@@ -331,8 +337,42 @@ class CustomerEvents:
                 self.seen[tp] = seen
             for partition in {tp.partition for tp in records}:
                 await self._release(partition)
+            self._balance_fetching()
             if self._batch_full():
                 await self._commit()
+
+    def _balance_fetching(self) -> None:
+        """Back-pressure, not reordering: a partition whose buffered events of one topic pass
+        `MERGE_PAUSE_AT` (the other topic is behind it: a leader moving, a slower fetch) stops
+        fetching that topic until the merge has drained it below `MERGE_RESUME_AT`. Found by
+        the cluster chaos run: with a leader killed, one topic's partition kept coming while
+        the other's stalled, the buffer passed the merge's `max_buffered`, and thousands of
+        events were forced out of ts order. Like Kafka Streams' `buffered.records.per.partition`."""
+        consumer = self.app.consumer
+        paused_by_merge = getattr(consumer, "merge_paused", False)
+        if paused_by_merge is False:             # not the batching consumer
+            return
+        if paused_by_merge is None:
+            paused_by_merge = consumer.merge_paused = set()
+        # Faust's own pause set: a rebalance pauses and then resumes every partition, ours too
+        paused_now = consumer._paused_partitions
+        pause, resume = set(), set()
+        for partition, buffered in self.merge.partitions.items():
+            for source, queue in buffered.buffers.items():
+                tp = TP(source, partition)
+                if len(queue) >= MERGE_PAUSE_AT and tp not in paused_now:
+                    pause.add(tp)
+                elif len(queue) <= MERGE_RESUME_AT and tp in paused_by_merge:
+                    resume.add(tp)
+        for tp in [tp for tp in paused_by_merge if tp.partition not in self.merge.partitions]:
+            resume.add(tp)
+        if pause:
+            paused_by_merge |= pause
+            consumer.pause_partitions(pause)
+            metrics.MERGE_BACKPRESSURE.inc(len(pause))
+        if resume:
+            paused_by_merge -= resume
+            consumer.resume_partitions(resume)
 
     async def tick(self) -> None:
         """Timer: apply events that waited `merge_wait` for the other topic, release holds of
@@ -346,6 +386,7 @@ class CustomerEvents:
             await self._ready()
             for partition in self.merge.waiting_partitions():
                 await self._release(partition)
+            self._balance_fetching()
             wall = _now_ms()
             for partition in self._assigned_partitions():
                 if self._idle(partition):

@@ -137,6 +137,9 @@ class BatchingConsumer(RewindingConsumer):
     committable: dict = {}        # the handler's; never mutated here
 
     held: frozenset = frozenset()     # partitions paused until `batch_ready()`
+    # partitions the agent's merge paused (back-pressure: the other topic is behind); the
+    # agent pauses and resumes them (agents/customers.py, `_balance_fetching`)
+    merge_paused: set = None
     # set by `perform_seek` (instance attributes from then on; see the class docstring)
     next_offsets: dict = {}       # TP -> the offset the handler is to receive next
     positioned_generation: Optional[int] = None    # the generation `next_offsets` belong to
@@ -202,7 +205,7 @@ class BatchingConsumer(RewindingConsumer):
             # recovery resumes it; a recovery cut short by the next rebalance can skip that).
             # This generation is positioned, so fetching may go on from `next_offsets`.
             stuck = {tp for tp in self.assignment() if tp.topic in self.batch_topics
-                     and tp in self._paused_partitions and tp not in self.held}
+                     and tp in self._paused_partitions and tp not in self.held and tp not in (self.merge_paused or ())}
             if stuck:
                 self.log.warning("resuming %d input partitions left paused after the rebalance", len(stuck))
                 metrics.INPUT_STALLS_REPAIRED.inc()

@@ -60,6 +60,11 @@ INPUT_STALLS = Counter(
     "Times the worker's consumer found input records waiting while it had handed none over for "
     "20 s with the rule book ready (each also logged as a warning with the consumer's state)",
 )
+MERGE_BACKPRESSURE = Counter(
+    "tagstream_merge_backpressure_pauses_total",
+    "Input partitions paused because the event-time merge buffered 2,000 of their events while "
+    "the other topic's partition was behind (resumed once drained; nothing is reordered)",
+)
 INPUT_STALLS_REPAIRED = Counter(
     "tagstream_input_stalls_repaired_total",
     "Stalls the consumer repaired itself: input partitions left paused after a rebalance, resumed",

@@ -67,6 +67,33 @@ MAX_DEFERRED = 50_000
 CLICKS_WAIT_S = 5.0
 
 
+async def read_snapshots(settings: Settings, partitions: Optional[list[int]] = None) -> dict[str, Snapshot]:
+    """The snapshots of `partitions` (default: all) from the compacted `wecom-snapshots`, read
+    to its end as of the call: an enrichment restoring a partition, or `tagstream reconcile`."""
+    topic = settings.topic("wecom_snapshots_topic")
+    consumer = AIOKafkaConsumer(**connection.client_kwargs(settings), group_id=None, enable_auto_commit=False,
+                                isolation_level="read_committed", client_id="tagstream-snapshots")
+    await connection.start_client(consumer)
+    try:
+        numbers = partitions if partitions is not None else await topic_partitions(settings, topic)
+        tps = [TopicPartition(topic, p) for p in numbers]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        snapshots: dict[str, Snapshot] = {}
+        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    key = record.key.decode()
+                    if record.value is None:
+                        snapshots.pop(key, None)
+                    else:
+                        snapshots[key] = Snapshot.from_wire(orjson.loads(record.value))
+        return snapshots
+    finally:
+        await consumer.stop()
+
+
 def _corp_of(record) -> str:
     """The corp of a wecom-callbacks record, from its key (corp_id:external_userid or corp_id)."""
     return record.key.decode().split(":", 1)[0]
@@ -181,26 +208,7 @@ class Enrichment:
                     self.retry_pause.pop(key, None)
 
     async def _restore(self, partition: int) -> dict[str, Snapshot]:
-        consumer = AIOKafkaConsumer(**connection.client_kwargs(self.settings), group_id=None,
-                                    enable_auto_commit=False, isolation_level="read_committed",
-                                    client_id="tagstream-enrich-restore")
-        await connection.start_client(consumer)
-        try:
-            tp = TopicPartition(self.snapshots_topic, partition)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            snapshots: dict[str, Snapshot] = {}
-            while await consumer.position(tp) < end:
-                for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
-                    key = record.key.decode()
-                    if record.value is None:
-                        snapshots.pop(key, None)
-                    else:
-                        snapshots[key] = Snapshot.from_wire(orjson.loads(record.value))
-            return snapshots
-        finally:
-            await consumer.stop()
+        return await read_snapshots(self.settings, [partition])
 
     # -- the loop -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -37,7 +36,8 @@ from streams.kafka import connection
 from streams.kafka.admin import topic_partitions
 from streams.settings import Settings
 from streams.wecom.api import WeComClient
-from streams.wecom.enrichment import Snapshot, snapshot_key
+from streams.wecom.enrich import read_snapshots
+from streams.wecom.enrichment import snapshot_key
 from streams.wecom.tagging import synthetic_add, synthetic_edit, write_callback
 
 log = logging.getLogger(__name__)
@@ -85,31 +85,6 @@ async def wait_for_enrichment(settings: Settings, timeout_s: float = 120.0) -> b
     finally:
         await consumer.stop()
         await admin.close()
-
-
-async def read_snapshots(settings: Settings) -> dict[str, Snapshot]:
-    """Every relationship's snapshot, from the compacted topic (a bounded read to its end)."""
-    topic = settings.topic("wecom_snapshots_topic")
-    consumer = AIOKafkaConsumer(**connection.client_kwargs(settings), group_id=None, enable_auto_commit=False,
-                                isolation_level="read_committed")
-    await connection.start_client(consumer)
-    try:
-        tps = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        snapshots: dict[str, Snapshot] = {}
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    key = record.key.decode()
-                    if record.value is None:
-                        snapshots.pop(key, None)
-                    else:
-                        snapshots[key] = Snapshot.from_wire(orjson.loads(record.value))
-        return snapshots
-    finally:
-        await consumer.stop()
 
 
 class Progress:
