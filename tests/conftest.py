@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SECRETS = REPO / ".state" / "cluster" / "secrets"
-SECRET_NAME = re.compile(r"(^|_)(TOKEN|PASSWORD)$")
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|PASSWORD|SECRETS)$")
 
 
 def known_secrets() -> set[str]:
@@ -26,8 +26,10 @@ def known_secrets() -> set[str]:
         if not (name == "tests" or name.startswith("tests.")):
             continue
         for attribute, value in vars(module).items():
-            if SECRET_NAME.search(attribute) and isinstance(value, str) and len(value) >= 8:
-                secrets.add(value)
+            if not SECRET_NAME.search(attribute):
+                continue
+            values = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            secrets |= {v for v in values if isinstance(v, str) and len(v) >= 8}
     if CLUSTER_SECRETS.is_dir():
         secrets |= {p.read_text().strip() for p in CLUSTER_SECRETS.glob("*.password")}
     return {s for s in secrets if s}

@@ -17,9 +17,10 @@ from tests.fake_wecom.callbacks import CallbackSender, envelope_xml, sign_callba
 from tests.integration.conftest import IngestProcess, Pipeline
 
 CORPS = {
-    "wwcorpa0000000001": ("tokenA", "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt", "secretA", "wxappA"),
-    "wwcorpb0000000002": ("tokenB", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "secretB", "wxappB"),
+    "wwcorpa0000000001": ("ingest-token-A", "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt", "ingest-secret-A", "wxappA"),
+    "wwcorpb0000000002": ("ingest-token-B", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "ingest-secret-B", "wxappB"),
 }
+SECRETS = [v for token, key, secret, _ in CORPS.values() for v in (token, key, secret)]
 CRYPTOS = {corp: CallbackCrypto(token, key) for corp, (token, key, _, _) in CORPS.items()}
 A, B = sorted(CORPS)
 
@@ -94,7 +95,7 @@ def _bad_callbacks() -> list[tuple[str, str, dict, bytes, int, str]]:
     """(name, corp in the URL, query, body, status, reason) of each way a callback is bad."""
     now = int(time.time())
     good = sign_callback(CRYPTOS[A], A, edit(A, "wmbad", at=now))
-    wrong_key = sign_callback(CallbackCrypto("tokenA", CORPS[B][1]), A, edit(A, "wmbad", at=now))
+    wrong_key = sign_callback(CallbackCrypto(CORPS[A][0], CORPS[B][1]), A, edit(A, "wmbad", at=now))
     wrong_receiver = sign_callback(CRYPTOS[A], A, edit(A, "wmbad", at=now), receive_id=B)
     stale = sign_callback(CRYPTOS[A], A, edit(A, "wmbad", at=now), timestamp=now - 3600)
     inner = CRYPTOS[A].encrypt(b"<xml><a>unclosed</xml>", A)

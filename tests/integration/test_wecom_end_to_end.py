@@ -38,9 +38,11 @@ from streams.wecom.crypto import CallbackCrypto
 
 TOKEN = "e2e-marketing-token"
 CORPS = {
-    "wwe2ecorpa0000001": ("tokA", "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt", "secretA", "wxappA"),
-    "wwe2ecorpb0000002": ("tokB", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "secretB", "wxappB"),
+    "wwe2ecorpa0000001": ("wecom-token-A", "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt", "contact-secret-A", "wxappA"),
+    "wwe2ecorpb0000002": ("wecom-token-B", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "contact-secret-B", "wxappB"),
 }
+#: every corp secret above, for the session's scan of every log the tests wrote (tests/conftest.py)
+SECRETS = [v for token, key, secret, _ in CORPS.values() for v in (token, key, secret)]
 TAGS = {"etCONSULT": "CONSULT", "etVALID": "VALID", "etORDER": "ORDER", "etINVALID": "INVALID", "etREGION": None}
 HOLD_MS = 20_000        # well beyond a callback delayed by retries and restarts (the worker flushes holds by wall clock 1 s after it)
 PARTITIONS = 4
