@@ -195,11 +195,13 @@ class BatchingConsumer(RewindingConsumer):
             ", ".join(f"{tp.topic}[{tp.partition}] next {a} end {b}" for tp, (a, b) in sorted(waiting.items())[:3]),
             generation, self.positioned_generation, "active" if self.flow_active else "stopped",
             len(self._paused_partitions), len(self.held), len(self.refetching))
+        if self.app.rebalancing:          # Faust's recovery is still running: not a stall to repair
+            return
         if self.flow_active and self.positioned_generation != generation and not self.seeking:
             self.log.warning("positioning generation %s now: its seek never completed", generation)
             self.seeking = True
             self.add_future(self._position_now())
-        elif self.flow_active and self.positioned_generation == generation and not self.app.rebalancing:
+        elif self.flow_active and self.positioned_generation == generation:
             # Seen in the cluster chaos run: every input partition of a worker left paused
             # after a rebalance (Faust pauses the assignment when a rebalance starts, and its
             # recovery resumes it; a recovery cut short by the next rebalance can skip that).
