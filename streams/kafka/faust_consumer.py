@@ -190,14 +190,14 @@ class BatchingConsumer(RewindingConsumer):
         metrics.INPUT_STALLS.inc()
         self.log.warning(
             "no input handed over for %.0f s while %d partitions have records waiting (e.g. %s): "
-            "generation %s, positioned %s, flow %s, paused %d, held %d, refetching %d",
+            "generation %s, positioned %s, flow %s, rebalancing %s, paused %d, held %d, refetching %d",
             now - self.handed_at, len(waiting),
             ", ".join(f"{tp.topic}[{tp.partition}] next {a} end {b}" for tp, (a, b) in sorted(waiting.items())[:3]),
-            generation, self.positioned_generation, "active" if self.flow_active else "stopped",
+            generation, self.positioned_generation, "active" if self.flow_active else "stopped", self.app.rebalancing,
             len(self._paused_partitions), len(self.held), len(self.refetching))
-        if self.app.rebalancing:          # Faust's recovery is still running: not a stall to repair
-            return
-        if self.flow_active and self.positioned_generation != generation and not self.seeking:
+        # (A generation is positioned at the end of Faust's recovery: while it runs, no seek.)
+        if (self.flow_active and self.positioned_generation != generation and not self.seeking
+                and not self.app.rebalancing):
             self.log.warning("positioning generation %s now: its seek never completed", generation)
             self.seeking = True
             self.add_future(self._position_now())
