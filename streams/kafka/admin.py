@@ -71,9 +71,29 @@ def _created(response, name: str) -> bool:
     return True
 
 
+#: How long a process starting while a broker is down keeps asking another one. Found by
+#: the cluster chaos run: a sink restarted during the rolling restart asked the node being
+#: restarted for metadata and exited (NodeNotReadyError), again and again.
+UNAVAILABLE_RETRY_S = 60.0
+
+
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create any missing topic; returns the names created. Fails with a ConfigError if the
-    two event topics exist with different partition counts (they must be co-partitioned)."""
+    two event topics exist with different partition counts (they must be co-partitioned).
+    A broker that is down (the cluster is restarting one) is retried for a minute."""
+    deadline = time.monotonic() + UNAVAILABLE_RETRY_S
+    while True:
+        try:
+            return await _ensure_topics(settings)
+        # only a known broker that is down: an unreachable bootstrap is a configuration error,
+        # reported at once (streams/kafka/diagnose.py)
+        except errors.NodeNotReadyError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+
+
+async def _ensure_topics(settings: Settings) -> list[str]:
     admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=30000)
     await admin.start()
     try:
