@@ -342,12 +342,10 @@ class CustomerEvents:
                 await self._commit()
 
     def _balance_fetching(self) -> None:
-        """Back-pressure, not reordering: a partition whose buffered events of one topic pass
-        `MERGE_PAUSE_AT` (the other topic is behind it: a leader moving, a slower fetch) stops
-        fetching that topic until the merge has drained it below `MERGE_RESUME_AT`. Found by
-        the cluster chaos run: with a leader killed, one topic's partition kept coming while
-        the other's stalled, the buffer passed the merge's `max_buffered`, and thousands of
-        events were forced out of ts order. Like Kafka Streams' `buffered.records.per.partition`."""
+        """Pause and resume input partitions as the merge's `fetch_balance` says. Found by the
+        cluster chaos run: with a leader killed, one topic's partition kept coming while the
+        other's stalled, the buffer passed the merge's `max_buffered`, and thousands of events
+        were forced out of ts order."""
         consumer = self.app.consumer
         paused_by_merge = getattr(consumer, "merge_paused", False)
         if paused_by_merge is False:             # not the batching consumer
@@ -355,17 +353,10 @@ class CustomerEvents:
         if paused_by_merge is None:
             paused_by_merge = consumer.merge_paused = set()
         # Faust's own pause set: a rebalance pauses and then resumes every partition, ours too
-        paused_now = consumer._paused_partitions
-        pause, resume = set(), set()
-        for partition, buffered in self.merge.partitions.items():
-            for source, queue in buffered.buffers.items():
-                tp = TP(source, partition)
-                if len(queue) >= MERGE_PAUSE_AT and tp not in paused_now:
-                    pause.add(tp)
-                elif len(queue) <= MERGE_RESUME_AT and tp in paused_by_merge:
-                    resume.add(tp)
-        for tp in [tp for tp in paused_by_merge if tp.partition not in self.merge.partitions]:
-            resume.add(tp)
+        pause, resume = self.merge.fetch_balance({(tp.topic, tp.partition) for tp in consumer._paused_partitions},
+                                                 {(tp.topic, tp.partition) for tp in paused_by_merge},
+                                                 MERGE_PAUSE_AT, MERGE_RESUME_AT)
+        pause, resume = {TP(*key) for key in pause}, {TP(*key) for key in resume}
         if pause:
             paused_by_merge |= pause
             consumer.pause_partitions(pause)

@@ -85,6 +85,7 @@ class Settings:
     wecom_request_timeout: int = _duration(5 * SECOND, "timeout of one WeCom API request (then retried)")
     wecom_retry_budget: int = _duration(5 * SECOND, "how long one WeCom call is retried (busy, rate limits, 5xx, timeouts) before its callback is deferred and the corp's later callbacks wait behind it")
     ingest_api_token_file: str = _setting("", "file holding the bearer token of the ingest's POST /tags (tag through WeCom's API); empty: the endpoint is off")
+    reconcile_every: int = _duration(0, "above 0, `tagstream reconcile` keeps running and starts another pass this long after each one ends (the schedule); 0: one pass and exit (e.g. from a CronJob)")
     reconcile_state_dir: str = _setting(".state/reconcile", "where `tagstream reconcile` records how far it got, to resume after a crash")
     enrich_metrics_port: int = _setting(9466, "port of `tagstream enrich`'s Prometheus /metrics endpoint (0: none)")
     # reporting semantics (SPEC §4)

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from streams.settings import ConfigError, Settings
+from streams.settings import ConfigError, Settings, format_duration
 
 EPILOG = ("Every setting can also come from a TAGSTREAM_* environment variable "
           "(see `tagstream settings`); flags win over the environment.")
@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "snapshots, and writes a synthetic callback for each add never enriched and each\n"
                 "relationship whose tags differ; the enrichment then emits exactly the missing events,\n"
                 "with the ids a callback would have given. Safe while callbacks flow, rate limited,\n"
-                "resumable (progress in TAGSTREAM_RECONCILE_STATE_DIR); a second run writes nothing.\n\n"
-                "examples:\n  tagstream reconcile\n  tagstream reconcile --corp ww51a2 --since 2026-11-01T00:00:00Z")
+                "resumable (progress in TAGSTREAM_RECONCILE_STATE_DIR); a second run writes nothing.\n"
+                "With --reconcile-every 6h (or TAGSTREAM_RECONCILE_EVERY) it keeps running, a pass every 6 h.\n\n"
+                "examples:\n  tagstream reconcile\n  tagstream reconcile --corp ww51a2 --since 2026-11-01T00:00:00Z\n"
+                "  tagstream reconcile --reconcile-every 6h")
     p.add_argument("--corp", action="append", default=[], help="only this corp (repeatable; default: all in the corps file)")
     p.add_argument("--since", metavar="TIME", help="only relationships made since TIME (ISO-8601)")
 
@@ -360,12 +362,26 @@ def cmd_reconcile(args, settings: Settings) -> int:
     since_s = parse_time("--since", args.since) // 1000 if args.since else None
     _logging(settings)
 
-    async def run():
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         async with WeComClient(settings, corps) as client:
-            with tqdm(unit=" relationships", disable=not sys.stderr.isatty()) as bar:
-                return await reconcile(settings, client, args.corp or sorted(corps),
-                                       state_dir=Path(settings.reconcile_state_dir), since_s=since_s, progress_bar=bar)
-    print(asyncio.run(run()).render())
+            while not stop.is_set():
+                with tqdm(unit=" relationships", disable=not sys.stderr.isatty()) as bar:
+                    summary = await reconcile(settings, client, args.corp or sorted(corps),
+                                              state_dir=Path(settings.reconcile_state_dir), since_s=since_s,
+                                              progress_bar=bar)
+                print(summary.render(), flush=True)
+                if not settings.reconcile_every:
+                    return
+                print(f"next pass in {format_duration(settings.reconcile_every)} (TAGSTREAM_RECONCILE_EVERY)", flush=True)
+                try:
+                    await asyncio.wait_for(stop.wait(), settings.reconcile_every / 1000)
+                except asyncio.TimeoutError:
+                    pass
+    asyncio.run(run())
     return 0
 
 

@@ -175,6 +175,26 @@ class CoPartitionMerge(Generic[Item]):
             return None
         return merge.buffers[source][0][ITEM]
 
+    def fetch_balance(self, paused: set, paused_by_merge: set, pause_at: int,
+                      resume_at: int) -> tuple[set, set]:
+        """Back-pressure, not reordering: which (source, partition) pairs should stop fetching
+        and which of those the merge paused may fetch again. A source whose buffer in one
+        partition holds `pause_at` items (the other source is behind it) is paused unless
+        already `paused`; one the merge paused (`paused_by_merge`) resumes once drained to
+        `resume_at`, or once its partition is gone (revoked). Like Kafka Streams'
+        `buffered.records.per.partition`; it keeps buffers far below `max_buffered`, where
+        items would be forced out of order."""
+        pause, resume = set(), set()
+        for partition, merge in self.partitions.items():
+            for source, queue in merge.buffers.items():
+                key = (source, partition)
+                if len(queue) >= pause_at and key not in paused:
+                    pause.add(key)
+                elif len(queue) <= resume_at and key in paused_by_merge:
+                    resume.add(key)
+        resume |= {key for key in paused_by_merge if key[1] not in self.partitions}
+        return pause, resume
+
     def waiting_partitions(self) -> list[int]:
         return [p for p, merge in self.partitions.items() if len(merge)]
 

@@ -237,12 +237,15 @@ class Staff:
                 "ExternalUserID": customer, **extra}
 
     def add_customer(self, corp_id: str, customer: str, userid: str, *, state: str = "",
-                     unionid: Optional[str] = None) -> dict:
+                     unionid: Optional[str] = None, half: bool = False) -> dict:
+        """The customer adds the staff member (add_external_contact), or, with `half`, the
+        customer added the staff member who has not yet accepted (add_half_external_contact)."""
         corp = self.api.corps[corp_id]
         record = corp.customers.get(customer) or Customer(customer, "客户" + customer[-4:], unionid)
         record.follows = {**record.follows, userid: Follow(userid, int(self.clock()), state)}
         corp.customers = {**corp.customers, customer: record}
-        return self._callback(corp_id, "add_external_contact", userid, customer,
+        change_type = "add_half_external_contact" if half else "add_external_contact"
+        return self._callback(corp_id, change_type, userid, customer,
                               **({"State": state} if state else {}), WelcomeCode="WELCOME")
 
     def tag(self, corp_id: str, customer: str, userid: str, add=(), remove=()) -> dict:
@@ -250,8 +253,35 @@ class Staff:
         follow.tags = (follow.tags | set(add)) - set(remove)
         return self._callback(corp_id, "edit_external_contact", userid, customer)
 
-    def delete_follow(self, corp_id: str, customer: str, userid: str) -> dict:
-        """The staff member deletes the customer (del_external_contact)."""
+    def delete_follow(self, corp_id: str, customer: str, userid: str, *, by_customer: bool = False,
+                      transferred: bool = False) -> dict:
+        """The staff member deletes the customer (del_external_contact; with `transferred`, the
+        customer was moved to another staff member: Source=DELETE_BY_TRANSFER), or, with
+        `by_customer`, the customer deletes the staff member (del_follow_user)."""
         record = self.api.corps[corp_id].customers[customer]
         record.follows = {u: f for u, f in record.follows.items() if u != userid}
-        return self._callback(corp_id, "del_external_contact", userid, customer)
+        if by_customer:
+            return self._callback(corp_id, "del_follow_user", userid, customer)
+        return self._callback(corp_id, "del_external_contact", userid, customer,
+                              **({"Source": "DELETE_BY_TRANSFER"} if transferred else {}))
+
+    def transfer_fail(self, corp_id: str, customer: str, userid: str, reason: str = "customer_refused") -> dict:
+        """A transfer of the customer to `userid` failed (transfer_fail): nothing changed."""
+        return self._callback(corp_id, "transfer_fail", userid, customer, FailReason=reason)
+
+    def rename_tag(self, corp_id: str, tag_id: str, name: str) -> dict:
+        """An admin renames a corp tag (change_external_tag, ChangeType update)."""
+        corp = self.api.corps[corp_id]
+        old = corp.catalogue[tag_id]
+        corp.catalogue = {**corp.catalogue, tag_id: Tag(tag_id, name, old.group_id, old.group_name)}
+        return {"ToUserName": corp_id, "FromUserName": "sys", "CreateTime": int(self.clock()), "MsgType": "event",
+                "Event": "change_external_tag", "Id": tag_id, "TagType": "tag", "ChangeType": "update"}
+
+    def delete_tag(self, corp_id: str, tag_id: str) -> dict:
+        """An admin deletes a corp tag (change_external_tag, ChangeType delete): the catalogue
+        lists it as deleted from then on."""
+        corp = self.api.corps[corp_id]
+        old = corp.catalogue[tag_id]
+        corp.catalogue = {**corp.catalogue, tag_id: Tag(tag_id, old.name, old.group_id, old.group_name, deleted=True)}
+        return {"ToUserName": corp_id, "FromUserName": "sys", "CreateTime": int(self.clock()), "MsgType": "event",
+                "Event": "change_external_tag", "Id": tag_id, "TagType": "tag", "ChangeType": "delete"}

@@ -56,8 +56,9 @@ def rules(now_ms: int) -> list[tuple[str, dict]]:
 
 
 def customer_script(rng: random.Random, corp: str, n: int) -> list[tuple]:
-    """One customer's changes: ("add", state, unionid) then tag changes, maybe a delete."""
-    steps: list[tuple] = [("add", f"ad_{n}", None if n % 5 == 4 else f"oU-{corp[-2:]}-{n}")]
+    """One customer's changes: ("add", state, unionid, half) then tag changes, maybe a failed
+    transfer and maybe a delete; between them every ChangeType of change_external_contact."""
+    steps: list[tuple] = [("add", f"ad_{n}", None if n % 5 == 4 else f"oU-{corp[-2:]}-{n}", n % 4 == 2)]
     owned: set = set()
     for _ in range(rng.randint(2, 4)):
         add = rng.sample(sorted(set(TAGS) - owned), k=min(rng.randint(1, 2), len(set(TAGS) - owned)))
@@ -66,8 +67,10 @@ def customer_script(rng: random.Random, corp: str, n: int) -> list[tuple]:
         steps.append(("tag", add, remove))
     if n % 6 == 0:                       # INVALID, then untagged inside the hold window
         steps += [("tag", ["etINVALID"], []), ("tag", [], ["etINVALID"])]
-    if n % 7 == 3:
-        steps.append(("delete",))
+    if n % 4 == 1:                       # a transfer to this staff member that failed: no event
+        steps.insert(2, ("transfer_fail",))
+    if n % 4 == 3:                       # deleted by the staff member, the customer, or a transfer
+        steps.append(("delete", ("staff", "customer", "transfer")[(n // 4 + corp.endswith("2")) % 3]))
     return steps
 
 
@@ -85,7 +88,7 @@ class World:
         self.fake = FakeWeComApi(seed=seed, page_size=2)
         self.staff = Staff(self.fake)
         for corp, (_, _, secret, _) in CORPS.items():
-            self.fake.add_corp(corp, secret, {tag: tag for tag in TAGS})
+            self.fake.add_corp(corp, secret, {**{tag: tag for tag in TAGS}, "etSPARE": "备用"})
         rng = random.Random(seed)
         self.scripts = {(corp, f"wm{corp[-1]}{n:03d}"): customer_script(rng, corp, n)
                         for corp in sorted(CORPS) for n in range(customers_per_corp)}
@@ -101,14 +104,17 @@ class World:
     def act(self, corp: str, customer: str, step: tuple) -> dict:
         """Do one step in the sidebar; returns the callback WeCom would send."""
         if step[0] == "add":
-            _, state, unionid = step
-            callback = self.staff.add_customer(corp, customer, self.USERID, state=state, unionid=unionid)
+            _, state, unionid, half = step
+            callback = self.staff.add_customer(corp, customer, self.USERID, state=state, unionid=unionid, half=half)
             createtime = self.fake.corps[corp].customers[customer].follows[self.USERID].createtime * 1000
             self.added[(corp, customer)] = (createtime, state, unionid)
             return callback
         if step[0] == "tag":
             return self.staff.tag(corp, customer, self.USERID, add=step[1], remove=step[2])
-        callback = self.staff.delete_follow(corp, customer, self.USERID)
+        if step[0] == "transfer_fail":
+            return self.staff.transfer_fail(corp, customer, self.USERID)
+        callback = self.staff.delete_follow(corp, customer, self.USERID, by_customer=step[1] == "customer",
+                                            transferred=step[1] == "transfer")
         self.deleted_at[(corp, customer)] = callback["CreateTime"] * 1000
         return callback
 
@@ -129,7 +135,7 @@ class World:
 
     def observe(self, corp: str, customer: str, step: tuple, callback: dict, delivered: bool) -> None:
         """What the enrichment makes of this change (nothing if its callback was lost)."""
-        if not delivered or corp in self.refused_corps:
+        if not delivered or corp in self.refused_corps or step[0] == "transfer_fail":
             return
         key, events = (corp, customer), []
         if step[0] == "delete":
@@ -260,9 +266,19 @@ class Deployment:
             assert self.API_TOKEN not in log
 
     def staff_at_work(self, drop_rate: float = 0.0, retry_intervals_s: tuple = (0.2, 0.4, 0.8)):
-        cryptos = {corp: CallbackCrypto(token, key) for corp, (token, key, _, _) in CORPS.items()}
-        return asyncio.run(_staff_at_work(self.world, self.pipeline, self.ingest, cryptos, drop_rate,
+        return asyncio.run(_staff_at_work(self.world, self.pipeline, self.ingest, self.cryptos(), drop_rate,
                                           retry_intervals_s))
+
+    def send_callbacks(self, corp: str, *callbacks: dict) -> None:
+        async def send() -> None:
+            async with CallbackSender(self.ingest.base_url, self.cryptos()) as sender:
+                for callback in callbacks:
+                    assert await sender.send(corp, callback)
+        asyncio.run(send())
+
+    @staticmethod
+    def cryptos() -> dict:
+        return {corp: CallbackCrypto(token, key) for corp, (token, key, _, _) in CORPS.items()}
 
     def tagstream(self, *args: str) -> str:
         """A `tagstream` command against this deployment; its stdout."""
@@ -323,6 +339,22 @@ def test_staff_tags_in_two_corps_reach_the_marketing_api_exactly_once(kafka_brok
         assert world.fake.calls_of("externalcontact/get", 40014) >= 1
         assert world.fake.calls_of("externalcontact/get", 45009) >= 1
         assert world.fake.calls_of("externalcontact/get", -1) >= 1
+        # every ChangeType was sent, and the catalogue follows change_external_tag
+        sent = {step[0] if step[0] != "delete" else step[1] for steps in world.scripts.values() for step in steps}
+        assert sent >= {"add", "tag", "transfer_fail", "staff", "customer", "transfer"}
+        corp = sorted(CORPS)[0]
+        deployment.send_callbacks(corp, world.staff.rename_tag(corp, "etREGION", "地区-华南"),
+                                  world.staff.delete_tag(corp, "etSPARE"))
+
+        def catalogue() -> dict:
+            latest = {}
+            for record in deployment.pipeline.read("wecom_tags", timeout=0.5):
+                latest[record.key.decode()] = orjson.loads(record.value) if record.value else None
+            return latest
+        wait_until(lambda: catalogue().get(f"{corp}:etREGION", {}).get("tag_name") == "地区-华南"
+                   and catalogue().get(f"{corp}:etSPARE", 0) is None, 30, "the renamed and the deleted tag",
+                   deployment.enrich)
+        assert catalogue()[f"{sorted(CORPS)[1]}:etSPARE"]["tag_name"] == "备用"   # the other corp's is untouched
 
 
 def test_killing_the_ingest_before_it_answers_and_the_enrichment_before_it_commits_loses_and_doubles_nothing(
@@ -379,8 +411,21 @@ def test_lost_callbacks_are_repaired_by_one_reconcile_and_a_second_finds_nothing
         world.reconciled(found_at)
         deployment.assert_reports_equal_the_model()
         events_before = len(deployment.events("tag_events")) + len(deployment.events("contact_events"))
-        second = deployment.tagstream("reconcile")
-        assert "0 synthetic callbacks written" in second, second
+        # then on a schedule: two more passes, a second apart, find nothing
+        scheduled = subprocess.Popen([sys.executable, "-m", "streams.cli", "reconcile", "--reconcile-every", "1s"],
+                                     env=deployment.ingest.env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            passes = []
+            deadline = time.monotonic() + 120
+            while len(passes) < 2 and time.monotonic() < deadline:
+                line = scheduled.stdout.readline()
+                assert line, "the scheduled reconcile exited"
+                if "synthetic callbacks written" in line:
+                    passes.append(line)
+            assert len(passes) == 2 and all("0 synthetic callbacks written" in p for p in passes), passes
+        finally:
+            scheduled.terminate()
+            assert scheduled.wait(timeout=30) == 0, "SIGTERM ends the schedule cleanly"
         time.sleep(3)
         assert len(deployment.events("tag_events")) + len(deployment.events("contact_events")) == events_before
 

@@ -178,3 +178,41 @@ def test_the_clock_is_read_when_a_head_blocks_not_when_release_starts():
     now[0] = 4499
     assert list(m.release(0, always(None), lambda: now[0])) == []
     assert m.forced == {"max_wait": 0, "max_buffered": 0}
+
+
+def test_a_topic_far_ahead_of_the_other_stops_fetching_until_drained_and_nothing_is_forced():
+    """Back-pressure (`fetch_balance`): the tags of partition 0 keep coming while its contacts
+    are behind (a leader moving). At `pause_at` buffered tags that partition's tags pause; they
+    resume once the merge drained them to `resume_at`; the buffer never reaches `max_buffered`,
+    so nothing leaves out of order."""
+    m = merge(max_buffered=100)
+    paused, paused_by_merge = set(), set()
+    for ts in range(40):
+        m.offer(0, TAGS, ts, f"tag@{ts}", now_ms=0)
+    m.offer(1, TAGS, 0, "other", now_ms=0)
+    pause, resume = m.fetch_balance(paused, paused_by_merge, pause_at=40, resume_at=10)
+    assert (pause, resume) == ({(TAGS, 0)}, set())          # partition 1 and the contacts fetch on
+    paused |= pause
+    paused_by_merge |= pause
+    assert m.fetch_balance(paused, paused_by_merge, 40, 10) == (set(), set())   # asked once
+    assert list(m.release(0, always(False), lambda: 0)) == []                  # held, not forced
+    for ts in range(35):                                     # the contacts arrive and drain the tags
+        m.offer(0, CONTACTS, ts, f"contact@{ts}", now_ms=0)
+    released = list(m.release(0, always(False), lambda: 0))
+    assert released[:4] == ["contact@0", "tag@0", "contact@1", "tag@1"]
+    assert len(m.partitions[0].buffers[TAGS]) == 6                 # tag@34 waits for a later contact
+    assert m.fetch_balance(paused, paused_by_merge, 40, 10) == (set(), {(TAGS, 0)})
+    assert m.forced == {"max_wait": 0, "max_buffered": 0}
+
+
+def test_a_pair_paused_by_someone_else_is_neither_paused_again_nor_resumed_by_the_merge():
+    """A rebalance (Faust) pauses partitions too: the merge resumes only what it paused, and
+    a revoked partition's pause is lifted (its records go to the next owner)."""
+    m = merge()
+    for ts in range(5):
+        m.offer(0, TAGS, ts, f"tag@{ts}", now_ms=0)
+    assert m.fetch_balance({(TAGS, 0), (CONTACTS, 0)}, set(), pause_at=3, resume_at=1) == (set(), set())
+    m.offer(0, CONTACTS, 10, "contact@10", now_ms=0)
+    assert list(m.release(0, always(False), lambda: 0)) == [f"tag@{ts}" for ts in range(5)]
+    assert m.fetch_balance({(TAGS, 0)}, set(), 3, 1) == (set(), set())         # not ours to resume
+    assert m.fetch_balance(set(), {(TAGS, 7)}, 3, 1) == (set(), {(TAGS, 7)})   # partition 7 is gone
