@@ -43,8 +43,9 @@ broker-reset:
 
 ## The main job on the embedded default: local broker, worker, file sink, generated load.
 ## `make run EVENTS=20000` stops by itself; plain `make run` runs until Ctrl-C.
+## `make run WECOM=1 EVENTS=2000`: the load enters through the fake WeCom's callbacks, the ingest and the enrichment.
 run: broker
-	$(BIN)/tagstream run --events $(EVENTS) $(if $(RATE),--rate $(RATE))
+	$(BIN)/tagstream run --events $(EVENTS) $(if $(RATE),--rate $(RATE)) $(if $(WECOM),--via-wecom)
 
 ## Every test that belongs in CI (unit + integration on the real broker, and a real Prometheus).
 test: setup
@@ -76,6 +77,10 @@ bench-sink: setup
 ## One 200,000-event log processed live, replayed from topics and from an archive: compared and timed.
 bench-replay: setup
 	$(BIN)/python -m bench.replay_vs_live $(BENCH_ARGS)
+
+## The WeCom ingest: callbacks answered/s with answer times (beside a bare aiohttp server), and sidebar tag to report.
+bench-ingest: setup
+	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
 
 ## One customer with 100,000 remembered event ids against fresh customers: cost per event, same run.
 bench-hot-customer: setup

@@ -102,6 +102,16 @@ ALERTS = [
           "The Marketing API is rejecting reports",
           "Reports rejected for good are on `tagstream.report-failures` with the API's answer. "
           "A steady rate means a rule maps to a wrong account or action set.", "short"),
+    Alert("TagstreamWeComCallbacksRefused",
+          'sum by (outcome) (rate(tagstream_wecom_callbacks_total{outcome!="accepted"}[5m])) '
+          "/ ignoring (outcome) group_left sum(rate(tagstream_wecom_callbacks_total[5m]))",
+          ">", 0.2, "5m", "critical",
+          "{{ $value | humanizePercentage }} of WeCom's callbacks are refused: {{ $labels.outcome }}",
+          "The ingest refuses callbacks WeCom sends, and WeCom gives up on them after its retries: "
+          "those tag changes are lost until `tagstream reconcile` runs. bad_signature or "
+          "bad_ciphertext after a deploy means a wrong token or EncodingAESKey in the corp's secret; "
+          "stale_timestamp, a clock that is off; unknown_corp, a corp missing from the corps file.",
+          "percentunit"),
     Alert("TagstreamNoProgress",
           "sum by (group, topic, partition) ("
           "(max by (group, topic, partition) (tagstream_consumer_group_lag) > 0) "
@@ -229,6 +239,34 @@ ROWS = [
                   [Query(f"sum(rate(tagstream_sink_batch_actions_sum[{RATE}])) "
                          f"/ sum(rate(tagstream_sink_batch_actions_count[{RATE}]))", "actions/request")], "short"),
     ]),
+    RowSpec("WeCom ingest", [
+        PanelSpec("Callbacks by kind and outcome", "WeCom callbacks per second: accepted (written to wecom-callbacks "
+                  "before the answer), or refused with the reason (bad_signature, stale_timestamp, unknown_corp, ...).",
+                  [Query(f"sum by (kind, outcome) (rate(tagstream_wecom_callbacks_total[{RATE}]))",
+                         "{{kind}} {{outcome}}")], "ops", width=8),
+        PanelSpec("Callback answer time (p50, p99)", "From a callback's arrival to the ingest's answer, the acks=all "
+                  "write included. WeCom waits 5 s, and retries what is not answered by then.",
+                  [Query(_histogram("tagstream_wecom_callback_answer_seconds", "method", 0.99), "p99 {{method}}"),
+                   Query(_histogram("tagstream_wecom_callback_answer_seconds", "method", 0.5), "p50 {{method}}")],
+                  "s", width=8),
+        PanelSpec("Enrichment lag", "Callbacks on wecom-callbacks not yet enriched (the enrichment group's lag), "
+                  "and callbacks deferred because WeCom keeps refusing their corp.",
+                  [Query('max by (partition) (tagstream_consumer_group_lag{group=~".*-enrich"})',
+                         "partition {{partition}}"),
+                   Query("sum(tagstream_wecom_deferred_callbacks)", "deferred")], "short", width=8),
+        PanelSpec("WeCom API calls by errcode", "Calls per second by API and errcode: 0 is success; -1, 45009 "
+                  "and 45033 are retried; 40014/42001 refresh the token; others are permanent (dead letters).",
+                  [Query(f"sum by (api, errcode) (rate(tagstream_wecom_api_calls_total[{RATE}]))",
+                         "{{api}} {{errcode}}")], "reqps", width=8),
+        PanelSpec("Token refreshes", "Access tokens fetched, by reason: first, expiry, or the errcode that "
+                  "refused the old one.",
+                  [Query(f"sum by (reason) (increase(tagstream_wecom_token_refreshes_total[{RATE}]))",
+                         "{{reason}}")], "short", width=8),
+        PanelSpec("Callbacks enriched by outcome", "committed (events written), deferred, dead_lettered (a "
+                  "permanent errcode) or ignored; and the tag events derived from snapshot diffs.",
+                  [Query(f"sum by (outcome) (rate(tagstream_wecom_callbacks_enriched_total[{RATE}]))", "{{outcome}}"),
+                   Query(f"sum(rate(tagstream_wecom_tag_events_total[{RATE}]))", "tag events")], "ops", width=8),
+    ]),
     RowSpec("Workers, rebalances and state", [
         PanelSpec("Rebalances", "Partition assignments per worker; a steady climb means workers keep leaving.",
                   [Query(f"sum by (instance) (increase(tagstream_rebalances_total[{RATE}]))", "{{instance}}"),
@@ -258,6 +296,11 @@ ROWS = [
 def panel_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL as Grafana sends it) for every target of the dashboard."""
     return [(p.title, q.expr) for row in ROWS for p in row.panels for q in p.queries]
+
+
+def of_the_ingest(query: str) -> bool:
+    """A query with data only where `tagstream ingest` and `tagstream enrich` run."""
+    return "tagstream_wecom_" in query or "-enrich" in query
 
 
 def _timeseries(spec: PanelSpec) -> Timeseries:

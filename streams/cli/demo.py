@@ -11,12 +11,25 @@ types are held for `delay_hold` (30 minutes) of *event* time, so over six hours 
 run shows them released, and, because staff now and then take back a LONG_TERM or INVALID
 tag within minutes, cancelled. Without `--events` the stream is live: event time is the
 wall clock, and the first delayed report comes after 30 real minutes.
+
+**Through WeCom** (`--via-wecom`): the load enters the way it does in production. The fake
+WeCom (`python -m tests.fake_wecom`, a source checkout's) serves WeCom's API for two demo corps
+and its staff tag customers in the sidebar; its signed, encrypted callbacks reach `tagstream
+ingest`, `tagstream enrich` fetches the customers and writes the tag and contact events, and
+the worker and sink go on as above: sidebar -> callback -> ingest -> enrichment -> worker ->
+sink. Event time is live, so delayed reports stay held. The corps' secrets are generated for
+the run and written to files beside the reports, as a deployment mounts them.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import itertools
+import json
 import os
+import secrets
+import socket
 import signal
 import subprocess
 import sys
@@ -30,9 +43,10 @@ from schemas.records import STANDARD_TYPES
 from streams.kafka.admin import ensure_topics
 from streams.kafka.connection import client_kwargs
 from streams.observability.lag import LagMonitor, monitored_groups
-from streams.sources.loadgen import LoadShape, TagTraffic
+from streams.sources.loadgen import GeneratedRecord, LoadShape, TagTraffic
 from streams.observability.observe import by_label, by_labels, scrape_async, total
 from streams.kafka.producer import input_producer, produce
+from schemas.records import rule_key
 from streams.settings import Settings
 
 PROGRESS_EVERY_S = 2.0
@@ -41,17 +55,22 @@ HISTORY_MS = 6 * 3_600_000
 #: Of the delayed types' tag adds, how many staff take back within minutes (cancelled holds).
 UNDO_SHARE = 0.3
 DELAYED_TYPES = ("LONG_TERM", "INVALID")
+#: WeCom mode: the demo corps, their corp tags and what the demo's rules map each to (None: unmapped)
+WECOM_CORPS = ("wwdemo0000000a01", "wwdemo0000000b02")
+WECOM_TAGS = {"etConsult": "CONSULT", "etLead": "LEAD", "etValid": "VALID", "etOrder": "ORDER",
+              "etLongTerm": "LONG_TERM", "etInvalid": "INVALID", "etBeijing": None, "etShanghai": None,
+              "etNewCustomer": None, "etCallBack": None}
 
 
 class Child:
     """A tagstream subcommand in its own process group, logging to a file."""
 
-    def __init__(self, name: str, args: list[str], settings: Settings, log_dir: Path):
+    def __init__(self, name: str, args: list[str], settings: Settings, log_dir: Path, module: str = "streams.cli"):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         env = {**os.environ, **settings.to_environ()}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", *args], env=env,
+            [sys.executable, "-m", module, *args], env=env,
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive(self) -> bool:
@@ -70,23 +89,35 @@ class Child:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def run_demo(settings: Settings, *, events: int, rate: float, seed: Optional[int], reports_file: str) -> int:
-    return asyncio.run(_Demo(settings, events, rate, seed, reports_file).run())
+def run_demo(settings: Settings, *, events: int, rate: float, seed: Optional[int], reports_file: str,
+             via_wecom: bool = False) -> int:
+    return asyncio.run(_Demo(settings, events, rate, seed, reports_file, via_wecom).run())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class _Demo:
-    def __init__(self, settings: Settings, events: int, rate: float, seed: Optional[int], reports_file: str):
+    def __init__(self, settings: Settings, events: int, rate: float, seed: Optional[int], reports_file: str,
+                 via_wecom: bool = False):
         self.settings = settings
         self.events = events
         self.rate = rate
+        self.via_wecom = via_wecom
         self.seed = int(time.time()) if seed is None else seed
         self.reports_file = reports_file
         self.log_dir = Path(reports_file).parent
         self.produced = 0
         self.first_produced_at: Optional[float] = None
         self.stop = asyncio.Event()
+        self.fake_done: Optional[Path] = None
 
     async def run(self) -> int:
+        if self.via_wecom:
+            self.settings = self._wecom_settings()
         s = self.settings
         self.log_dir.mkdir(parents=True, exist_ok=True)
         Path(self.reports_file).write_bytes(b"")      # this run's reports only (the sink appends)
@@ -99,25 +130,94 @@ class _Demo:
               f"{', %g events/s' % self.rate if self.rate else ', as fast as possible'}")
         worker = Child("worker", ["worker"], s, self.log_dir)
         sink = Child("sink", ["sink", "--target", "file:" + self.reports_file], s, self.log_dir)
+        children = [worker, sink]
         producer = input_producer(s)
         await producer.start()
         try:
-            traffic = self._traffic()
-            rules = traffic.rules()
+            traffic = None if self.via_wecom else self._traffic()
+            rules = self._wecom_rules() if traffic is None else traffic.rules()
             await produce(producer, s, rules)
-            print(f"loaded {len(rules)} reporting-rule versions for {len(traffic.corps)} corps; "
+            print(f"loaded {len(rules)} reporting-rule versions for "
+                  f"{len(WECOM_CORPS) if traffic is None else len(traffic.corps)} corps; "
                   f"waiting for the worker (log: {worker.log_path}) ...")
             if not await self._wait_for_rules(worker, len(rules)):
                 return 1
-            feeding = asyncio.create_task(self._feed(producer, traffic))
-            finished = await self._watch(worker, sink)
+            if traffic is None:
+                children += await self._start_wecom()
+                feeding = asyncio.create_task(self._count_callbacks())
+            else:
+                feeding = asyncio.create_task(self._feed(producer, traffic))
+            finished = await self._watch(children)
             feeding.cancel()
         finally:
             await producer.stop()
-            print("stopping worker and sink ...")
-            worker.stop()
-            sink.stop()
+            print("stopping " + ", ".join(child.name for child in children) + " ...")
+            for child in reversed(children):
+                child.stop()
         return 0 if finished else 1
+
+    # -- WeCom mode ----------------------------------------------------------------------------
+    def _wecom_settings(self) -> Settings:
+        """Generated secrets in files, a corps file naming them, and ports for the ingest and
+        the fake WeCom API."""
+        directory = self.log_dir / "wecom"
+        (directory / "secrets").mkdir(parents=True, exist_ok=True)
+        lines = ["corps:"]
+        for corp_id in WECOM_CORPS:
+            values = {"token": secrets.token_hex(16),
+                      "encoding_aes_key": base64.b64encode(secrets.token_bytes(32)).decode().rstrip("="),
+                      "contact_secret": secrets.token_urlsafe(32)}
+            lines += [f"  - corp_id: {corp_id}", f"    wechat_app_id: wx{corp_id[-4:]}demo"]
+            for name, value in values.items():
+                path = directory / "secrets" / f"{corp_id}.{name}"
+                path.write_text(value)
+                path.chmod(0o600)
+                lines.append(f"    {name}_file: {path}")
+        corps_file = directory / "wecom-corps.yaml"
+        corps_file.write_text("\n".join(lines) + "\n")
+        self.fake_done = directory / "staff-done.json"
+        self.fake_done.unlink(missing_ok=True)
+        return dataclasses.replace(self.settings, wecom_corps_file=str(corps_file),
+                                   wecom_api_base=f"http://127.0.0.1:{_free_port()}/cgi-bin/",
+                                   ingest_listen=f"127.0.0.1:{_free_port()}", enrich_metrics_port=_free_port())
+
+    def _wecom_rules(self) -> list[GeneratedRecord]:
+        effective_from = int(time.time() * 1000) - 86_400_000
+        return [GeneratedRecord("tag_mappings", rule_key(corp, tag), {
+            "corp_id": corp, "tag_id": tag, "tag_name": tag, "standard_type": standard_type,
+            "account_id": 4000 + i, "user_action_set_id": 14000 + i, "effective_from": effective_from,
+            "version": 1, "action_type": None})
+            for i, corp in enumerate(WECOM_CORPS) for tag, standard_type in WECOM_TAGS.items() if standard_type]
+
+    async def _start_wecom(self) -> list[Child]:
+        s = self.settings
+        ingest = Child("ingest", ["ingest"], s, self.log_dir)
+        enrich = Child("enrich", ["enrich"], s, self.log_dir)
+        port = int(s.ingest_listen.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while await scrape_async(port) is None:       # WeCom gives up on an ingest that is not up
+            if not ingest.alive() or time.monotonic() > deadline:
+                raise SystemExit(f"the ingest did not start; last lines of {ingest.log_path}:\n{ingest.tail()}")
+            await asyncio.sleep(0.3)
+        api_port = s.wecom_api_base.rsplit(":", 1)[1].split("/")[0]
+        fake = Child("fake-wecom", [
+            "--corps-file", s.wecom_corps_file, "--tags", ",".join(WECOM_TAGS), "--ingest", f"http://{s.ingest_listen}",
+            "--api-port", api_port, "--callbacks", str(self.events), "--rate", str(self.rate or 50),
+            "--seed", str(self.seed), "--done-file", str(self.fake_done)], s, self.log_dir, module="tests.fake_wecom")
+        print(f"WeCom mode: the fake WeCom's staff send {self.events or 'endless'} callbacks at "
+              f"{self.rate or 50:g}/s to the ingest on {s.ingest_listen} (logs in {self.log_dir})")
+        return [ingest, enrich, fake]
+
+    async def _count_callbacks(self) -> None:
+        """`produced` in WeCom mode: the callbacks the ingest accepted."""
+        if self.first_produced_at is None:
+            self.first_produced_at = time.time()
+        port = int(self.settings.ingest_listen.rsplit(":", 1)[1])
+        while True:
+            samples = await scrape_async(port)
+            if samples:
+                self.produced = int(total(samples, "tagstream_wecom_callbacks_total", outcome="accepted"))
+            await asyncio.sleep(0.5)
 
     def _traffic(self) -> TagTraffic:
         now = int(time.time() * 1000)
@@ -160,11 +260,18 @@ class _Demo:
             else:
                 await asyncio.sleep(0)
 
-    async def _watch(self, worker: Child, sink: Child) -> bool:
+    async def _watch(self, children: list[Child]) -> bool:
         async with LagMonitor(client_kwargs(self.settings), monitored_groups(self.settings)) as lag:
-            return await self._watch_with(worker, sink, lag)
+            return await self._watch_with(children, lag)
 
-    async def _watch_with(self, worker: Child, sink: Child, lag_monitor: LagMonitor) -> bool:
+    def _fed(self, processed: float) -> bool:
+        """Everything offered is in: every event produced and processed, or in WeCom mode,
+        every callback answered (the fake's staff are done)."""
+        if self.via_wecom:
+            return bool(self.events) and self.fake_done is not None and self.fake_done.exists()
+        return bool(self.events) and self.produced >= self.events and processed >= self.events
+
+    async def _watch_with(self, children: list[Child], lag_monitor: LagMonitor) -> bool:
         s = self.settings
         started = time.monotonic()
         last_processed, last_t = 0.0, started
@@ -174,7 +281,7 @@ class _Demo:
                 await asyncio.wait_for(self.stop.wait(), PROGRESS_EVERY_S)
             except asyncio.TimeoutError:
                 pass
-            for child in (worker, sink):
+            for child in children:
                 if not child.alive():
                     print(f"the {child.name} exited; last lines of {child.log_path}:\n{child.tail()}")
                     return False
@@ -189,12 +296,14 @@ class _Demo:
             lag = sum(row.lag for row in rows if row.group == s.app_id and row.topic in event_topics)
             now = time.monotonic()
             reports = by_label(samples, "tagstream_reports_total", "standard_type")
-            print(f"[{now - started:6.0f}s] produced {self.produced:>9,}  processed {processed:>9,.0f} "
+            print(f"[{now - started:6.0f}s] {'callbacks' if self.via_wecom else 'produced'} {self.produced:>9,}  processed {processed:>9,.0f} "
                   f"({(processed - last_processed) / (now - last_t):>7,.0f}/s)  lag {lag:>7,}  reports "
                   + " ".join(f"{t} {reports.get(t, 0):,.0f}" for t in STANDARD_TYPES), flush=True)
             last_processed, last_t = processed, now
-            done = self.events and self.produced >= self.events and processed >= self.events
-            if done and all(row.lag == 0 for row in rows if row.group == f"{s.app_id}-sink"):
+            # WeCom mode: the enrichment's and the worker's lags count too (their events are
+            # not known in advance); the plain mode counted them in `processed`
+            drained = (f"{s.app_id}-sink",) + ((f"{s.app_id}-enrich", s.app_id) if self.via_wecom else ())
+            if self._fed(processed) and all(row.lag == 0 for row in rows if row.group in drained):
                 finished = time.time()
                 # the held-reports gauge is sampled every metrics_interval: wait for a sample
                 # taken after the last event before saying what is still held
@@ -209,6 +318,11 @@ class _Demo:
     def _summary(self, samples: Optional[dict], processed: float, finished_at: float) -> None:
         print(render_summary(samples or {}, processed, finished_at - (self.first_produced_at or finished_at),
                              self.settings, self.reports_file))
+        if self.fake_done is not None and self.fake_done.exists():
+            staff = json.loads(self.fake_done.read_text())
+            print(f"  WeCom callbacks    {staff['answered']:,} of {staff['callbacks']:,} answered by the ingest "
+                  f"({staff['retries']:,} retried by WeCom, {staff['dropped']:,} lost); "
+                  f"the enrichment turned them into the events above")
 
 
 def render_summary(samples: dict, processed: float, elapsed: float, settings: Settings, reports_file: str) -> str:

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "[default: 0 with --events, 1000 until Ctrl-C]")
     p.add_argument("--seed", type=int, default=None, help="random seed of the generated load (default: time)")
     p.add_argument("--reports-file", default=".state/run/reports.ndjson", help="where the sink writes NDJSON")
+    p.add_argument("--via-wecom", action="store_true",
+                   help="the load enters through WeCom: the fake WeCom's staff tag customers, its callbacks reach "
+                        "`tagstream ingest` and `tagstream enrich` (--events counts callbacks; --rate defaults to 50/s; "
+                        "needs a source checkout, for tests/fake_wecom)")
 
     command("worker", "run the Faust agents (tag and contact events -> reports)")
 
@@ -527,9 +531,9 @@ tagstream: error: --partitions='x': expected an integer, e.g. --partitions=4
 
 def cmd_run(args, settings: Settings) -> int:
     from streams.cli.demo import run_demo
-    rate = args.rate if args.rate is not None else (0 if args.events else 1000)
+    rate = args.rate if args.rate is not None else (50 if args.via_wecom else 0 if args.events else 1000)
     return run_demo(settings, events=args.events, rate=rate, seed=args.seed,
-                    reports_file=args.reports_file)
+                    reports_file=args.reports_file, via_wecom=args.via_wecom)
 
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "ingest": cmd_ingest, "enrich": cmd_enrich, "tag": cmd_tag, "reconcile": cmd_reconcile,

@@ -7,6 +7,7 @@ keeps watching, and the run still finishes with every event processed.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,11 @@ import subprocess
 import sys
 import time
 
+import orjson
+
 from tests.integration.conftest import KAFKA_SH, REPO, Pipeline, free_port, wait_until
+from tests.logs import kafka_partition
+from tests.reference_model import reference_reports
 
 EVENTS = 3000
 
@@ -76,3 +81,41 @@ def test_the_readme_run_shows_all_six_types_delayed_and_cancelled(kafka_broker, 
     lines = reports_file.read_text().splitlines()
     assert len(lines) == sum(counts[t] for t in ("CONSULT", "LEAD", "VALID", "ORDER", "LONG_TERM", "INVALID"))
     assert all('"outer_action_id"' in line for line in lines)
+
+
+def test_the_run_through_wecom_reports_what_the_staff_tagged(kafka_broker, tmp_path):
+    """`make run WECOM=1`: the fake WeCom's staff tag customers of two corps in the sidebar,
+    and the callbacks go through the ingest and the enrichment to the worker and the sink.
+    The enrichment's events add up to the tags each relationship has in WeCom at the end,
+    and the reports file holds exactly the real-time reports the reference model computes
+    from those events (the delayed ones are still held: event time is live)."""
+    pipeline = Pipeline(tmp_path, sink_metrics_port=free_port())
+    reports_file = tmp_path / "run" / "reports.ndjson"
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "streams.cli", "run", "--via-wecom", "--events", "400", "--rate", "80",
+             "--seed", "5", "--reports-file", str(reports_file)],
+            env={**os.environ, **pipeline.settings.to_environ()}, cwd=REPO,
+            capture_output=True, text=True, timeout=300)
+        text = run.stdout
+        assert run.returncode == 0, text[-4000:] + run.stderr[-2000:]
+        assert re.search(r"WeCom callbacks\s+400 of 400 answered", text), text[-3000:]
+        staff = json.loads((tmp_path / "run" / "wecom" / "staff-done.json").read_text())
+        events = [orjson.loads(r.value) for r in pipeline.read("contact_events", timeout=1)]
+        events += [orjson.loads(r.value) for r in pipeline.read("tag_events", timeout=1)]
+        rules = [(r.key.decode(), orjson.loads(r.value)) for r in pipeline.read("tag_mappings", timeout=1)]
+    finally:
+        pipeline.stop(delete_topics=True)
+    tags: dict[str, set] = {key: set() for key in staff["tags"]}
+    for event in events:
+        if "op" in event:
+            key = f"{event['corp_id']}:{event['external_userid']}"
+            tags[key] = tags[key] | {event["tag_id"]} if event["op"] == "add" else tags[key] - {event["tag_id"]}
+    assert {k: sorted(v) for k, v in tags.items()} == staff["tags"]
+    assert sum(1 for e in events if "op" in e) > 200 and sum(1 for e in events if "change_type" in e) > 50
+    ordered = sorted(events, key=lambda e: (e["ts"], "op" in e))
+    expected, _ = reference_reports(rules, ordered, partition_of=lambda key: kafka_partition(key, 4),
+                                    flush_at_end=False)
+    got = [orjson.loads(line) for line in reports_file.read_text().splitlines()]
+    assert sorted(r["outer_action_id"] for r in got) == sorted(r["outer_action_id"] for r in expected)
+    assert {r["standard_type"] for r in got} >= {"CONSULT", "LEAD", "VALID", "ORDER"}
