@@ -267,3 +267,18 @@ class IngestProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def assert_no_secret_exposed(pipeline: "Pipeline", metrics_ports: list[int], secrets: list[str]) -> None:
+    """No secret in any of the processes' /metrics text, nor in any dead letter (SPEC §8:
+    passwords and tokens never reach logs, metrics or dead letters; tests/conftest.py greps
+    the logs)."""
+    import urllib.request
+    secrets = [s for s in secrets if s]
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        assert text and not [s for s in secrets if s in text], f"a secret in the metrics on port {port}"
+    for record in pipeline.read("dead_letters", timeout=1):
+        raw = (record.key or b"") + (record.value or b"")
+        assert not [s for s in secrets if s.encode() in raw], "a secret in a dead letter"

@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 from streams.kafka.admin import ensure_topics
 from streams.kafka.connection import client_kwargs, producer_kwargs
 from streams.settings import Settings
-from tests.integration.conftest import free_port
+from tests.integration.conftest import assert_no_secret_exposed, free_port, wait_until
 from tests.integration.test_semantics_pipeline import run_log_through_pipeline
 
 def cluster_settings(cluster: dict[str, str], **overrides) -> Settings:
@@ -116,7 +116,16 @@ def test_the_semantics_pipeline_equals_the_reference_model_on_the_secured_cluste
     """SPEC §4's generated log through a worker on the three-broker cluster, over SASL_SSL,
     every topic with three replicas, a worker killed mid-commit: the reference model's
     reports (tests/integration/test_semantics_pipeline.py's test, on the cluster)."""
-    run_log_through_pipeline(tmp_path, seed=11, crash="changelog-acked:4", **secured_cluster)
+    password = Path(secured_cluster["sasl_password_file"]).read_text().strip()
+
+    def no_password_exposed(pipeline, worker) -> None:
+        # a malformed record that names the broker's user, so the dead letter is there to grep
+        pipeline.send_raw(("tag_events", b"wwP:bad", b'{"sasl": "' + secured_cluster["sasl_username"].encode() + b'"'))
+        wait_until(lambda: pipeline.read("dead_letters", timeout=1), 60, "the dead letter", worker)
+        assert_no_secret_exposed(pipeline, [pipeline.settings.metrics_port], [password])
+
+    run_log_through_pipeline(tmp_path, seed=11, crash="changelog-acked:4", inspect=no_password_exposed,
+                             **secured_cluster)
 
 
 def _run_command(command: list[str], environ: dict[str, str]) -> tuple[int, float, str]:

@@ -59,9 +59,10 @@ def test_pipeline_equals_the_reference_model_across_a_worker_kill(kafka_broker, 
     run_log_through_pipeline(tmp_path, seed, crash)
 
 
-def run_log_through_pipeline(tmp_path, seed: int, crash, **settings) -> None:
+def run_log_through_pipeline(tmp_path, seed: int, crash, inspect=None, **settings) -> None:
     """The generated log of `seed` through a worker (SIGKILLed at failpoint `crash`, if
-    given) equals the reference model; `settings` choose the broker (the secured cluster's)."""
+    given) equals the reference model; `settings` choose the broker (the secured cluster's).
+    `inspect(pipeline, worker)` runs at the end, while the worker still runs."""
     log = generate_log(seed, customers=80, events=2000)
     pipeline = Pipeline(tmp_path, partitions=PARTITIONS, batch_max=25, **settings)
     expected_reports, expected_unreportable = reference_reports(
@@ -80,6 +81,8 @@ def run_log_through_pipeline(tmp_path, seed: int, crash, **settings) -> None:
             assert worker.process.wait(120) == -signal.SIGKILL, f"no crash at {crash}:\n{worker.log_tail()}"
             worker = pipeline.start_worker()
         reports, unreportable = _read_outputs(pipeline, expected_reports, expected_unreportable)
+        if inspect is not None:
+            inspect(pipeline, worker)
     finally:
         pipeline.stop()
 

@@ -31,7 +31,7 @@ from streams.observability.observe import scrape, total
 from tests.logs import kafka_partition
 from tests.fake_wecom.api import FakeWeComApi, Staff
 from tests.fake_wecom.callbacks import CallbackSender
-from tests.integration.conftest import REPO, IngestProcess, Pipeline, SinkProcess, wait_until
+from tests.integration.conftest import REPO, IngestProcess, Pipeline, SinkProcess, assert_no_secret_exposed, wait_until
 from tests.marketing_api_server import MarketingApiServer, ServerThread
 from tests.reference_model import reference_reports
 from streams.wecom.crypto import CallbackCrypto
@@ -253,6 +253,10 @@ class Deployment:
 
     def __exit__(self, *exc) -> None:
         self.stopping.set()
+        if exc[0] is None:
+            assert_no_secret_exposed(
+                self.pipeline, [self.ingest.port, int(self.enrich.env["TAGSTREAM_ENRICH_METRICS_PORT"]),
+                                self.pipeline.settings.metrics_port, self.sink.port], SECRETS + [self.API_TOKEN, TOKEN])
         time.sleep(0.3)
         for process in self.processes:
             process.stop()
