@@ -142,6 +142,7 @@ class BatchingConsumer(RewindingConsumer):
     merge_paused: set = None
     # set by `perform_seek` (instance attributes from then on; see the class docstring)
     next_offsets: dict = {}       # TP -> the offset the handler is to receive next
+    skipped: dict = {}            # TP -> (first, end): the last run of offsets no fetch returned (markers)
     positioned_generation: Optional[int] = None    # the generation `next_offsets` belong to
     refetching: frozenset = frozenset()   # partitions sought back to `next_offsets` since their last batch
 
@@ -161,7 +162,7 @@ class BatchingConsumer(RewindingConsumer):
         # Batches dropped while this ran (nothing is handed over until it ends) moved the
         # positions: put them back where the handler starts.
         await self._thread.seek_wait(next_offsets)
-        self.next_offsets, self.refetching = next_offsets, frozenset()
+        self.next_offsets, self.refetching, self.skipped = next_offsets, frozenset(), {}
         self.handed_at = time.monotonic()
         if generation == self.app.consumer_generation_id:
             self.positioned_generation = generation
@@ -298,6 +299,8 @@ class BatchingConsumer(RewindingConsumer):
             return
         for tp, position in consumed.items():
             if tp not in sought_back and position > self.next_offsets.get(tp, position):
+                start, end = self.skipped.get(tp, (None, None))
+                self.skipped[tp] = (start if end == self.next_offsets[tp] else self.next_offsets[tp], position)
                 self.next_offsets[tp] = position
 
     async def _contiguous(self, taken: dict) -> dict:

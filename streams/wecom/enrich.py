@@ -412,8 +412,9 @@ class Enrichment:
             for tag in group.get("tag") or []:
                 key = prefix + tag["id"]
                 if tag.get("deleted") or group.get("deleted"):
-                    if key in known:
-                        out.add(self.tags_topic, key, None)
+                    # a tombstone even if the replica does not know the key yet (its entry
+                    # may be in this very transaction): one for a key never written is harmless
+                    out.add(self.tags_topic, key, None)
                     continue
                 seen.add(key)
                 out.add(self.tags_topic, key, orjson.dumps({

@@ -8,8 +8,9 @@ maps, as in a real corp), or a tag taken back. Each change updates the fake WeCo
 without waiting for the answer of the one before: the load is offered at `rate` callbacks/s
 whatever the ingest does (open loop), with at most `max_in_flight` unanswered.
 
-One customer changes at most once per `customer_gap_s`, so each change is its own
-callback's diff (WeCom's CreateTime has a one-second grain), as with people at keyboards.
+One customer changes at most once per `customer_gap_s` (the one changed longest ago is
+next; while none is due, a new customer comes), so each change is its own callback's diff
+(WeCom's CreateTime has a one-second grain), as with people at keyboards.
 Every change is kept in `actions` with the moment its callback was first sent, and every
 answer's time in `answer_times_s`.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -54,25 +56,24 @@ class Sidebar:
         self.random = random.Random(self.seed)
         self.staff = Staff(self.api)
         self.customers: dict[str, list[str]] = {corp: [] for corp in self.api.corps}
-        self.last_change: dict[tuple, float] = {}
+        self.ready: dict[str, deque] = {corp: deque() for corp in self.api.corps}   # (last change, customer)
         self.in_flight: set = set()
 
     def _step(self) -> Optional[tuple[str, dict, Action]]:
         corp = self.random.choice(sorted(self.api.corps))
-        known = self.customers[corp]
+        known, ready = self.customers[corp], self.ready[corp]
         now = time.time()
-        if not known or self.random.random() < self.new_customer_share:
+        # the customer changed longest ago, if that was at least customer_gap_s ago; else a new one
+        if not ready or now - ready[0][0] < self.customer_gap_s or self.random.random() < self.new_customer_share:
             n = len(known)
             customer = f"wm{corp[-4:]}{n:07d}"
             known.append(customer)
-            self.last_change[(corp, customer)] = now
+            ready.append((now, customer))
             unionid = f"oU{corp[-4:]}{n:07d}" if self.random.random() < 0.8 else None
             callback = self.staff.add_customer(corp, customer, USERID, state=f"ad_{n % 50}", unionid=unionid)
             return corp, callback, Action(corp, customer, "add_customer", None, now)
-        customer = self.random.choice(known)
-        if now - self.last_change.get((corp, customer), 0) < self.customer_gap_s:
-            return None
-        self.last_change[(corp, customer)] = now
+        _, customer = ready.popleft()
+        ready.append((now, customer))
         owned = self.api.corps[corp].customers[customer].follows[USERID].tags
         if owned and self.random.random() < self.remove_share:
             tag = self.random.choice(sorted(owned))

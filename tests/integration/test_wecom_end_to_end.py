@@ -358,7 +358,8 @@ def test_staff_tags_in_two_corps_reach_the_marketing_api_exactly_once(kafka_brok
         wait_until(lambda: catalogue().get(f"{corp}:etREGION", {}).get("tag_name") == "地区-华南"
                    and catalogue().get(f"{corp}:etSPARE", 0) is None, 30, "the renamed and the deleted tag",
                    deployment.enrich)
-        assert catalogue()[f"{sorted(CORPS)[1]}:etSPARE"]["tag_name"] == "备用"   # the other corp's is untouched
+        assert catalogue()[f"{corp}:etVALID"]["tag_name"] == "etVALID"                # the rest are kept
+        assert not [key for key in catalogue() if key.startswith(sorted(CORPS)[1])]    # no callback, no refresh
 
 
 def test_killing_the_ingest_before_it_answers_and_the_enrichment_before_it_commits_loses_and_doubles_nothing(
