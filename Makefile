@@ -80,6 +80,7 @@ bench-replay: setup
 
 ## The WeCom ingest: callbacks answered/s with answer times (beside a bare aiohttp server), and sidebar tag to report.
 bench-ingest: setup
+	deploy/setup-system.sh --with-hey
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
 
 ## One customer with 100,000 remembered event ids against fresh customers: cost per event, same run.

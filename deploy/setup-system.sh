@@ -12,7 +12,8 @@ for flag in "$@"; do
   case "$flag" in
     --with-prometheus) command -v prometheus >/dev/null || need+=(prometheus) ;;   # also brings promtool
     --with-chromium) command -v chromium >/dev/null || need+=(chromium) ;;          # make dashboard-png
-    *) echo "setup-system.sh: unknown flag $flag (use --with-prometheus, --with-chromium)" >&2; exit 2 ;;
+    --with-hey) command -v hey >/dev/null || need+=(hey) ;;                         # make bench-ingest's HTTP load
+    *) echo "setup-system.sh: unknown flag $flag (use --with-prometheus, --with-chromium, --with-hey)" >&2; exit 2 ;;
   esac
 done
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
