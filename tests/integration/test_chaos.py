@@ -30,17 +30,16 @@ def test_chaos_run_loses_nothing_and_sends_nothing_twice(kafka_broker, tmp_path,
     assert len(result.lost) == 0 and result.accepted == result.expected
 
 
-@pytest.mark.skip(reason="not yet proven reliable: full-size cluster runs lost reports while the merge's buffer "
-                         "bound forced events out of ts order; the back-pressure fix is measured in "
-                         "docs/reliability.md, and this test comes back to CI once full-size and CI-size runs "
-                         "pass in a row (`make chaos CLUSTER=3` meanwhile)")
 def test_chaos_on_the_secured_cluster_survives_broker_faults(tmp_path, capsys):
     """The same run over SASL_SSL on three brokers (replication 3, min.insync 2), with the
     leader of the most input partitions SIGKILLed, the active controller SIGKILLed, and a
     rolling restart of all three, each measured while the pipeline must keep going."""
     was_running = subprocess.run([str(CLUSTER_SH), "status"], capture_output=True).returncode == 0
+    # No hot customer at this size: on the cluster the fetch quota that paces the run (per
+    # broker) set the hot partition's latency, not the worker (docs/reliability.md). The
+    # single-broker run above and the full-size cluster run check it.
     plan = Plan(events=20_000, worker_kills=3, failpoint_restarts=1, wiped_restarts=1,
-                sink_kills=1, api_bursts=1, join_leave=1, cluster=True)
+                sink_kills=1, api_bursts=1, join_leave=1, cluster=True, hot_events=0)
     try:
         result = ChaosRun(plan, tmp_path).run()
     finally:
