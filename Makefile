@@ -49,7 +49,7 @@ run: broker
 
 ## Every test that belongs in CI (unit + integration on the real broker, and a real Prometheus).
 test: setup
-	deploy/setup-system.sh --with-prometheus
+	deploy/setup-system.sh --with-prometheus --with-hey
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: setup

@@ -2,7 +2,7 @@
 a sidebar tag to its report on the outbound topic (issue 20).
 
     .venv/bin/python -m bench.ingest                      # make bench-ingest
-    .venv/bin/python -m bench.ingest --seconds 10 --offered 2000 --pipeline-rate 500
+    .venv/bin/python -m bench.ingest --seconds 10 --offered 2000 --pipeline-rates 100,250,500
 
 Everything runs on this machine, on the local broker, and the load generator shares the
 two cores with what it measures.
@@ -14,34 +14,44 @@ two cores with what it measures.
    fast as answered. Baseline, in the same run with the same client: a bare aiohttp server
    that answers 200 without checking, decrypting or writing anything (the ceiling of one
    Python HTTP server process on this machine).
-2. **Tag to report.** The whole path: the fake WeCom's staff (`tests/fake_wecom/sidebar.py`)
-   tag customers of eight corps at `--pipeline-rate` callbacks/s; the ingest, the enrichment
-   (which fetches every customer from the fake WeCom API) and a worker. For each real-time
-   report on `conversion-reports`: its `emitted_at` minus the moment the staff member's
-   callback was first sent.
+2. **Levers**: `ingest_linger` at 5 ms (the producer batches callbacks into fewer writes), and
+   two replicas, each loaded by its own `hey` at half the load (what a load balancer in front
+   of replicas does).
+3. **The ingest's own steps** (XML, signature, decryption, the record), CPU per callback by
+   `timeit`, beside the stdlib's C XML parser: what a faster step could save.
+4. **Tag to report**, at each of `--pipeline-rates`: the whole path. The fake WeCom's staff
+   (`tests/fake_wecom`, its API and its sidebar in their own process, as the demo runs it)
+   tag customers of eight corps; the ingest, the enrichment (which fetches every customer
+   from the fake WeCom API) and a worker. For each real-time report on `conversion-reports`:
+   its `emitted_at` minus the moment the staff member's callback was first sent, split at
+   the enrichment's tag event (its record's timestamp).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
-import statistics
 import subprocess
 import tempfile
+import sys
 import time
+import timeit
 import urllib.parse
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from xml.etree import ElementTree
 
 import orjson
 from aiohttp import web
 
 from streams.kafka.admin import ensure_topics
-from streams.wecom.crypto import CallbackCrypto
-from tests.fake_wecom.api import FakeWeComApi
 from streams.observability.observe import scrape, total
-from tests.fake_wecom.callbacks import CallbackSender, sign_callback
-from tests.fake_wecom.sidebar import USERID, Sidebar
-from tests.integration.conftest import KAFKA_SH, IngestProcess, Pipeline
+from streams.wecom.crypto import CallbackCrypto
+from streams.wecom.messages import Callback, Envelope, parse_flat
+from tests.fake_wecom.callbacks import sign_callback
+from tests.fake_wecom.sidebar import USERID, Action
+from tests.integration.conftest import KAFKA_SH, REPO, IngestProcess, Pipeline, free_port
 from tests.marketing_api_server import ServerThread
 
 CORPS = {f"wwbench{n:09d}": (f"bench-token-{n}", base64.b64encode(bytes(range(n, n + 32))).decode().rstrip("="),
@@ -49,6 +59,7 @@ CORPS = {f"wwbench{n:09d}": (f"bench-token-{n}", base64.b64encode(bytes(range(n,
 TAGS = {"etConsult": "CONSULT", "etLead": "LEAD", "etValid": "VALID", "etOrder": "ORDER", "etLongTerm": "LONG_TERM",
         "etInvalid": "INVALID", "etRegion1": None, "etRegion2": None, "etSource": None, "etInterest": None}
 CONNECTIONS = 64
+LINGER_MS = 5
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,10 +112,47 @@ def row(name: str, load: str, result: tuple[float, list[float], int]) -> str:
             f"{max(times) * 1000 if times else float('nan'):.1f} | {failures:,} |")
 
 
+def stage_costs(repeat: int = 20_000) -> None:
+    """CPU per callback of each step of the ingest's answer that is ours (not aiohttp's, not
+    the Kafka client's), in this process, one at a time: what a faster step could save."""
+    corp, (token, key, _, _) = sorted(CORPS.items())[0]
+    crypto = CallbackCrypto(token, key)
+    fields = {"ToUserName": corp, "FromUserName": "sys", "CreateTime": int(time.time()), "MsgType": "event",
+              "Event": "change_external_contact", "ChangeType": "edit_external_contact", "UserID": USERID,
+              "ExternalUserID": "wm00000001"}
+    signed = sign_callback(CallbackCrypto(token, key), corp, fields)
+    query, envelope = signed.params, Envelope.parse(signed.body)
+    message = crypto.decrypt(envelope.encrypted, corp)
+    callback = Callback(corp, parse_flat(message, "message"), 0)
+    steps = (("envelope XML (defusedxml)", lambda: Envelope.parse(signed.body)),
+             ("signature (SHA-1)", lambda: crypto.verify(query["msg_signature"], query["timestamp"], query["nonce"],
+                                                         envelope.encrypted)),
+             ("decryption (AES-256-CBC, cryptography)", lambda: crypto.decrypt(envelope.encrypted, corp)),
+             ("message XML (defusedxml)", lambda: parse_flat(message, "message")),
+             ("record: content id (SHA-256) and orjson", callback.to_wire),
+             ("for comparison: the message by the stdlib's C ElementTree (no DTD guard)",
+              lambda: ElementTree.fromstring(message)))
+    print(f"the ingest's own steps, CPU per callback (timeit, {repeat:,} each)")
+    print("| step | µs |")
+    print("|---|---:|")
+    for name, step in steps:
+        print(f"| {name} | {timeit.timeit(step, number=repeat) / repeat * 1e6:.1f} |", flush=True)
+
+
+def replicas(urls: list[str], body: Path, seconds: float, rate: float) -> tuple[float, list[float], int]:
+    """`hey` against each of `urls` (one server, or replicas) at once, the rate split evenly,
+    as a load balancer would spread WeCom's callbacks: answers/s summed, answer times pooled."""
+    with ThreadPoolExecutor(len(urls)) as pool:
+        results = list(pool.map(lambda url: hey(url, body, seconds, rate / len(urls)), urls))
+    return (sum(r[0] for r in results), [t for r in results for t in r[1]], sum(r[2] for r in results))
+
+
 async def answers(tmp: Path, seconds: float, offered: float) -> None:
     pipeline = Pipeline(tmp)
     await ensure_topics(pipeline.settings)
     ingest = IngestProcess(pipeline, CORPS, tmp / "ingest.log").start()
+    second = IngestProcess(pipeline, CORPS, tmp / "ingest-b.log").start()
+    lingering = IngestProcess(pipeline, CORPS, tmp / "ingest-linger.log", ingest_linger=f"{LINGER_MS}ms").start()
     bare = ServerThread(BareServer()).start()
     try:
         path, body = signed_body(tmp)
@@ -112,15 +160,20 @@ async def answers(tmp: Path, seconds: float, offered: float) -> None:
               f"{seconds:g} s as fast as answered; the bare server first, with the same client", flush=True)
         print("| server | load | answered/s | p50 ms | p99 ms | max ms | failed |")
         print("|---|---|---:|---:|---:|---:|---:|")
-        for name, url in (("bare aiohttp (baseline)", bare.base_url), ("tagstream ingest", ingest.base_url)):
+        for name, servers in (("bare aiohttp (baseline)", [bare]), ("tagstream ingest", [ingest]),
+                              (f"tagstream ingest, ingest_linger {LINGER_MS} ms", [lingering]),
+                              ("tagstream ingest, two replicas", [ingest, second])):
+            urls = [server.base_url + path for server in servers]
             for load, rate in ((f"{offered:,.0f}/s offered", offered), ("as fast as answered", 0)):
-                result = await asyncio.get_running_loop().run_in_executor(None, hey, url + path, body, seconds, rate)
+                result = await asyncio.get_running_loop().run_in_executor(None, replicas, urls, body, seconds, rate)
                 print(row(name, load, result), flush=True)
-        accepted = total(scrape(ingest.port), "tagstream_wecom_callbacks_total", outcome="accepted")
+        accepted = sum(total(scrape(replica.port), "tagstream_wecom_callbacks_total", outcome="accepted")
+                       for replica in (ingest, second, lingering))
         print(f"the ingest accepted {accepted:,.0f} callbacks, each written to wecom-callbacks (acks=all) "
               "before its answer")
     finally:
-        ingest.stop()
+        for process in (ingest, second, lingering):
+            process.stop()
         bare.stop()
         await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.stop(delete_topics=True))
 
@@ -133,72 +186,105 @@ def rules(now_ms: int) -> list[tuple[str, str, dict]]:
 
 
 async def tag_to_report(tmp: Path, seconds: float, rate: float) -> None:
+    """The whole path at `rate` callbacks/s; the fake WeCom (its API and its staff) in its own
+    process, as the demo runs it. Each real-time report's latency, and where it went: from the
+    staff's callback to the enrichment's tag event (its record's timestamp: ingest, answer,
+    enrichment, one API call), and from there to the report's `emitted_at` (the worker)."""
     pipeline = Pipeline(tmp, delay_hold=3_600_000)
     await ensure_topics(pipeline.settings)
     the_rules = rules(int(time.time() * 1000))
     await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.send(*the_rules))
-    fake = FakeWeComApi(seed=3)
-    for corp, (_, _, secret, _) in CORPS.items():
-        fake.add_corp(corp, secret, {t: t for t in TAGS})
-    api = ServerThread(fake).start()
-    overrides = {"wecom_api_base": f"{api.base_url}/cgi-bin/"}
+    api_port = free_port()
+    overrides = {"wecom_api_base": f"http://127.0.0.1:{api_port}/cgi-bin/"}
     worker = pipeline.start_worker()
     worker.wait_for_rules(len(the_rules))
     ingest = IngestProcess(pipeline, CORPS, tmp / "ingest2.log", **overrides).start()
     enrich = IngestProcess(pipeline, CORPS, tmp / "enrich.log", command="enrich", **overrides).start()
+    count = int(seconds * rate)
+    done = tmp / f"staff-{rate:g}.json"
+    fake = subprocess.Popen([sys.executable, "-m", "tests.fake_wecom", "--corps-file", str(tmp / "wecom-corps.yaml"),
+                             "--tags", ",".join(TAGS), "--ingest", ingest.base_url, "--api-port", str(api_port),
+                             "--callbacks", str(count), "--rate", str(rate), "--seed", "5", "--done-file", str(done)],
+                            cwd=REPO, stdout=open(tmp / "fake-wecom.log", "ab"), stderr=subprocess.STDOUT)
     try:
-        await asyncio.sleep(5)               # the enrichment joins its group
-        cryptos = {corp: CallbackCrypto(token, key) for corp, (token, key, _, _) in CORPS.items()}
-        async with CallbackSender(ingest.base_url, cryptos, seed=4) as sender:
-            sidebar = Sidebar(fake, sender, list(TAGS), seed=5)
-            count = int(seconds * rate)
-            print(f"\ntag to report: {count:,} sidebar changes at {rate:,.0f} callbacks/s over {len(CORPS)} corps "
-                  "(ingest, enrichment with the fake WeCom API, worker)", flush=True)
-            started = time.monotonic()
-            await sidebar.run(count, rate)
-            sent_for = time.monotonic() - started
+        print(f"\ntag to report: {count:,} sidebar changes at {rate:,.0f} callbacks/s over {len(CORPS)} corps "
+              "(the fake WeCom's API and staff in their own process; ingest, enrichment, worker)", flush=True)
+        deadline = time.monotonic() + seconds * 4 + 60
+        while not done.exists() and fake.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        staff = orjson.loads(done.read_bytes())
+        actions = [Action(*a) for a in staff["actions"]]
         realtime = {st for st in TAGS.values() if st not in (None, "LONG_TERM", "INVALID")}
         first_add = {}
-        for action in sidebar.actions:
+        for action in actions:
             if action.kind == "add_tag" and TAGS[action.tag_id] in realtime:
                 first_add.setdefault((action.corp_id, action.external_userid, TAGS[action.tag_id]), action)
+        expected = len([a for a in first_add.values() if a.delivered])
         reports = await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.read(
-            "conversion_reports", timeout=120, settle=3,
-            until=lambda rs: len(rs) >= 0.95 * len([a for a in first_add.values() if a.delivered])))
-        latencies = []
+            "conversion_reports", timeout=120, settle=3, until=lambda rs: len(rs) >= 0.95 * expected))
+        tag_events = await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.read(
+            "tag_events", timeout=5))
+        callbacks = await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.read(
+            "wecom_callbacks", timeout=5))
+        received = defaultdict(list)      # (corp, customer) -> when the ingest wrote each callback
+        for record in callbacks:
+            callback = orjson.loads(record.value)
+            received[(callback["corp_id"], callback["fields"].get("ExternalUserID", ""))].append(record.timestamp / 1000)
+        written = {}                      # (corp, customer, tag) -> when the enrichment wrote its first add
+        for record in tag_events:
+            event = orjson.loads(record.value)
+            if event["op"] == "add":
+                written.setdefault((event["corp_id"], event["external_userid"], event["tag_id"]), record.timestamp / 1000)
+        total_s, ingest_s, enrich_s, worker_s = [], [], [], []
         for record in reports:
             report = orjson.loads(record.value)
             action = first_add.get((report["corp_id"], report["external_userid"], report["standard_type"]))
             if report["mode"] == "realtime" and action is not None and action.tag_id == report["tag_id"]:
-                latencies.append(report["emitted_at"] / 1000 - action.sent_at)
-        answers_ms = [t * 1000 for t in sidebar.answer_times_s]
-        print(f"offered {count / sent_for:,.0f} callbacks/s; answered p50 {percentile(answers_ms, 0.5):.1f} ms, "
-              f"p99 {percentile(answers_ms, 0.99):.1f} ms; {sum(a.delivered for a in sidebar.actions):,} answered")
-        print("| real-time reports | tag to report p50 ms | p99 ms | max ms | mean ms |")
-        print("|---:|---:|---:|---:|---:|")
-        if latencies:
-            print(f"| {len(latencies):,} | {percentile(latencies, 0.5) * 1000:.0f} | "
-                  f"{percentile(latencies, 0.99) * 1000:.0f} | {max(latencies) * 1000:.0f} | "
-                  f"{statistics.mean(latencies) * 1000:.0f} |")
-        print(f"(customers whose first real-time tag was answered: {len([a for a in first_add.values() if a.delivered]):,}; "
-              f"reports without identity go to unreportable, not counted here)")
+                total_s.append(report["emitted_at"] / 1000 - action.sent_at)
+                at = written.get((action.corp_id, action.external_userid, action.tag_id))
+                # the first write of this customer's callbacks at or after the action was sent
+                wrote = min((t for t in received[(action.corp_id, action.external_userid)] if t >= action.sent_at - 0.005),
+                            default=None)
+                if at is not None and wrote is not None:
+                    ingest_s.append(wrote - action.sent_at)
+                    enrich_s.append(at - wrote)
+                    worker_s.append(report["emitted_at"] / 1000 - at)
+        answers_ms = [t * 1000 for t in staff["answer_times_s"]]
+        print(f"{staff['answered']:,} of {staff['callbacks']:,} callbacks answered, p50 "
+              f"{percentile(answers_ms, 0.5):.1f} ms, p99 {percentile(answers_ms, 0.99):.1f} ms; "
+              f"{len(total_s):,} real-time reports of {expected:,} customers whose first real-time tag was answered "
+              "(reports without identity go to unreportable)")
+        print("| from | to | p50 ms | p99 ms | max ms |")
+        print("|---|---|---:|---:|---:|")
+        for start_at, end_at, values in (("callback sent", "report emitted", total_s),
+                                         ("callback sent", "callback written to wecom-callbacks (ingest)", ingest_s),
+                                         ("callback written", "tag event written (enrichment)", enrich_s),
+                                         ("tag event written", "report emitted (worker)", worker_s)):
+            if values:
+                print(f"| {start_at} | {end_at} | {percentile(values, 0.5) * 1000:,.0f} | "
+                      f"{percentile(values, 0.99) * 1000:,.0f} | {max(values) * 1000:,.0f} |", flush=True)
     finally:
+        fake.terminate()
+        fake.wait(10)
         for process in (enrich, ingest):
             process.stop()
         await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.stop(delete_topics=True))
-        api.stop()
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each offered load (default 10)")
     parser.add_argument("--offered", type=float, default=2000.0, help="callbacks/s offered to the ingest alone")
-    parser.add_argument("--pipeline-rate", type=float, default=500.0, help="callbacks/s through the whole path")
+    parser.add_argument("--pipeline-rates", default="100,250,500",
+                        help="callbacks/s through the whole path, one run each (default 100,250,500)")
     args = parser.parse_args(argv)
     subprocess.run([str(KAFKA_SH), "start"], check=True, capture_output=True)
+    stage_costs()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", ) as tmp:
         asyncio.run(answers(Path(tmp), args.seconds, args.offered))
-        asyncio.run(tag_to_report(Path(tmp), args.seconds * 3, args.pipeline_rate))
+    for rate in (float(r) for r in args.pipeline_rates.split(",")):
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-", ) as tmp:
+            asyncio.run(tag_to_report(Path(tmp), args.seconds * 3, rate))
 
 
 if __name__ == "__main__":

@@ -100,19 +100,31 @@ def _corp_of(record) -> str:
 
 
 class CompactedReplica:
-    """A compacted topic read from the start and followed: key -> value (None removes)."""
+    """A compacted topic read from the start and followed: key -> value (None removes).
+
+    `caught_up` asks the end offsets over a second client (`prober`, no assignment): on the
+    follower's own connection a ListOffsets queues behind the fetch the broker holds for
+    `fetch_max_wait` (500 ms), and every add without a known click paid that wait (the
+    tag-to-report p50 of 3.5-4 s in docs/ingest.md before this). Callers that arrive while a
+    request is in flight share the next one, so a batch of adds sends one or two requests."""
 
     def __init__(self, settings: Settings, topic: str):
         self.settings, self.topic = settings, topic
         self.values: dict[str, bytes] = {}
         self.consumer: Optional[AIOKafkaConsumer] = None
+        self.prober: Optional[AIOKafkaConsumer] = None
         self.task: Optional[asyncio.Task] = None
+        self.probe_lock = asyncio.Lock()
+        self.probes_started = self.probes_answered = 0
+        self.last_ends: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
-        self.consumer = AIOKafkaConsumer(**connection.client_kwargs(self.settings), group_id=None,
-                                         enable_auto_commit=False, isolation_level="read_committed",
-                                         client_id="tagstream-enrich-replica")
+        kwargs = dict(**connection.client_kwargs(self.settings), group_id=None, enable_auto_commit=False,
+                      isolation_level="read_committed")
+        self.consumer = AIOKafkaConsumer(**kwargs, client_id="tagstream-enrich-replica")
+        self.prober = AIOKafkaConsumer(**kwargs, client_id="tagstream-enrich-replica-probe")
         await connection.start_client(self.consumer)
+        await connection.start_client(self.prober)
         tps = [TopicPartition(self.topic, p) for p in await topic_partitions(self.settings, self.topic)]
         self.consumer.assign(tps)
         await self.consumer.seek_to_beginning(*tps)
@@ -128,22 +140,39 @@ class CompactedReplica:
                     else:
                         self.values[key] = record.value
 
+    async def end_offsets(self) -> dict[TopicPartition, int]:
+        """The topic's end offsets from a request sent after this call began (one in flight
+        at a time; the callers waiting for it share the answer)."""
+        wanted = self.probes_started + 1
+        async with self.probe_lock:
+            if self.probes_answered >= wanted:
+                return self.last_ends
+            self.probes_started += 1
+            started = self.probes_started
+            self.last_ends = await self.prober.end_offsets(list(self.consumer.assignment()))
+            self.probes_answered = started
+            return self.last_ends
+
     async def caught_up(self, timeout_s: float) -> bool:
         """Wait until everything written to the topic before this call has been read."""
-        tps = list(self.consumer.assignment())
-        ends = await self.consumer.end_offsets(tps)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        try:
+            ends = await asyncio.wait_for(self.end_offsets(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        while True:
             if all([await self.consumer.position(tp) >= end for tp, end in ends.items()]):
                 return True
-            await asyncio.sleep(0.02)
-        return False
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
         if self.task:
             self.task.cancel()
-        if self.consumer:
-            await self.consumer.stop()
+        for client in (self.consumer, self.prober):
+            if client:
+                await client.stop()
 
 
 class _Outputs:
@@ -234,9 +263,10 @@ class Enrichment:
             while not stop.is_set():
                 batches = await self.consumer.getmany(timeout_ms=200, max_records=500)
                 async with self.lock:
-                    for tp, records in batches.items():
-                        if tp.partition in self.producers and records:
-                            await self._enrich_batch(tp, records)
+                    # partitions are independent (own producer, snapshots and queues): one
+                    # waiting on WeCom or on a commit does not hold back the others' batches
+                    await asyncio.gather(*(self._enrich_batch(tp, records) for tp, records in batches.items()
+                                           if tp.partition in self.producers and records))
                     await self._retry_deferred()
         finally:
             await self.consumer.stop()

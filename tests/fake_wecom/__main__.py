@@ -6,7 +6,8 @@
 It serves WeCom's API (tokens, contacts, the tag catalogue) for the corps of the corps file,
 whose secrets it reads the way the ingest does, and its staff work the sidebar
 (`sidebar.Sidebar`): `--callbacks` callbacks at `--rate` per second to the ingest. Then it
-writes a summary to `--done-file` and keeps serving the API (the enrichment still fetches
+writes a summary to `--done-file` (totals, every relationship's final tags, and each change
+with the moment its callback was first sent) and keeps serving the API (the enrichment still fetches
 customers) until SIGTERM.
 """
 from __future__ import annotations
@@ -67,7 +68,11 @@ async def main(args: argparse.Namespace) -> None:
                     # each relationship's corp tags at the end: what the enrichment's events must add up to
                     "tags": {f"{corp_id}:{customer.external_userid}": sorted(follow.tags)
                              for corp_id, corp in api.corps.items() for customer in corp.customers.values()
-                             for follow in customer.follows.values()}}))
+                             for follow in customer.follows.values()},
+                    # each change, when its callback was first sent, and every answer's time (bench.ingest)
+                    "actions": [[a.corp_id, a.external_userid, a.kind, a.tag_id, a.sent_at, a.delivered]
+                                for a in sidebar.actions],
+                    "answer_times_s": sidebar.answer_times_s}))
             await stop.wait()
         staff.cancel()
     await runner.cleanup()

@@ -1,5 +1,6 @@
 """The benchmark harnesses run end to end at a small size, so they cannot rot. No timing is
-asserted: the numbers belong in docs/performance.md, measured by `make bench` and `make bench-sink`."""
+asserted: the numbers belong in the docs, measured by `make bench`, `make bench-sink` and
+`make bench-ingest`."""
 from __future__ import annotations
 
 import subprocess
@@ -49,3 +50,19 @@ def test_hot_customer_benchmark_prints_a_row_per_checkpoint(kafka_broker):
     assert rows[1:] == ["1,000", "3,000"], run.stdout
     largest = int(run.stdout.rsplit("largest state value written: ", 1)[1].split()[0].replace(",", ""))
     assert 0 < largest < 1_000, run.stdout
+
+
+def test_ingest_benchmark_answers_callbacks_and_times_tag_to_report(kafka_broker):
+    run = subprocess.run([sys.executable, "-m", "bench.ingest", "--seconds", "1", "--offered", "100",
+                          "--pipeline-rates", "20"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| ")]
+    servers = {row[0].strip("| ") for row in rows if len(row) == 7 and row[1] != "load" and "---" not in row[0]}
+    assert servers == {"bare aiohttp (baseline)", "tagstream ingest", "tagstream ingest, ingest_linger 5 ms",
+                       "tagstream ingest, two replicas"}, run.stdout
+    assert all(int(row[6].strip(" |").replace(",", "")) == 0 for row in rows if row[0].strip("| ") in servers)
+    steps = {row[0].strip("| ") for row in rows if len(row) == 2}
+    assert {"envelope XML (defusedxml)", "decryption (AES-256-CBC, cryptography)"} <= steps, run.stdout
+    stages = {(row[0].strip("| "), row[1]) for row in rows if len(row) == 5 and row[0] != "| from"}
+    assert ("callback sent", "report emitted") in stages and ("tag event written", "report emitted (worker)") in stages, \
+        run.stdout
