@@ -80,7 +80,6 @@ class Settings:
     wecom_corps_file: str = _setting("", "YAML file of the corps whose callbacks the ingest takes (docs/ingest.md); their secrets come from files or TAGSTREAM_WECOM_<CORP_ID>_* variables, never from this file")
     wecom_api_base: str = _setting("https://qyapi.weixin.qq.com/cgi-bin/", "WeCom API base URL")
     ingest_listen: str = _setting("127.0.0.1:8480", "host:port of the ingest's HTTP server: WeCom callbacks, /healthz and /metrics")
-    ingest_linger: int = _duration(0, "how long the ingest's producer waits to batch callbacks into one write to wecom-callbacks (fewer, larger requests under load; it adds to every answer's time)")
     callback_max_age: int = _duration(10 * MINUTE, "a callback whose timestamp is further than this from the ingest's clock is refused (a replay, or a clock that is off)")
     wecom_rate_limit: int = _setting(6000, "WeCom API calls per minute per corp and API (WeCom allows 10,000)")
     wecom_request_timeout: int = _duration(5 * SECOND, "timeout of one WeCom API request (then retried)")

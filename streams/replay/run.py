@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
 from streams.cli.progress import Progress
 from streams.kafka.connection import client_kwargs, producer_kwargs, start_client
+from streams.kafka.reads import read_to_end
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import ReportingPolicy
 from streams.replay.archive import archive_line, open_archive, read_archives
@@ -69,21 +70,7 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
 
 async def _read_whole(consumer: AIOKafkaConsumer, topic: str, on_record) -> None:
     """Every record of `topic` from its start to its current end."""
-    tps = [TopicPartition(topic, p) for p in await partitions_of(consumer, topic)]
-    if not tps:
-        return
-    ends = await consumer.end_offsets(tps)
-    todo = {tp for tp in tps if ends[tp] > 0}
-    consumer.assign(tps)
-    await consumer.seek_to_beginning(*tps)
-    while todo:
-        batches = await consumer.getmany(*todo, timeout_ms=500, max_records=10_000)
-        for tp, batch in batches.items():
-            for record in batch:
-                on_record(record)
-        for tp in list(todo):
-            if await consumer.position(tp) >= ends[tp]:
-                todo.discard(tp)
+    await read_to_end(consumer, [TopicPartition(topic, p) for p in await partitions_of(consumer, topic)], on_record)
 
 
 async def load_rule_book(settings: Settings) -> tuple[RuleBook, int]:

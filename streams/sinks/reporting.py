@@ -92,6 +92,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from schemas.validation import Rejection, decode_conversion_report
 from streams.kafka.admin import partition_counts
 from streams.kafka.connection import client_kwargs, producer_kwargs, start_client
+from streams.kafka.reads import read_to_end
 from streams.observability import metrics
 from streams.sinks.marketing_api import (
     Batch, MarketingApiClient, Outcome, RateLimiter, classify, pack, token_from_settings)
@@ -229,19 +230,12 @@ class DeliveredRecord:
         reader = AIOKafkaConsumer(**client_kwargs(self.settings), group_id=None,
                                   enable_auto_commit=False, isolation_level="read_committed")
         await start_client(reader)
+        values: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
+
+        def keep(record) -> None:         # the newest state of each order id
+            values[record.partition][record.key.decode()] = record.value
         try:
-            tps = [TopicPartition(self.topic, p) for p in partitions]
-            reader.assign(tps)
-            await reader.seek_to_beginning(*tps)
-            end = await reader.end_offsets(tps)
-            values: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
-            async def behind() -> bool:
-                return any([await reader.position(tp) < end[tp] for tp in tps])
-            while await behind():
-                for tp, records in (await reader.getmany(timeout_ms=500, max_records=50_000)).items():
-                    ids = values[tp.partition]
-                    for record in records:
-                        ids[record.key.decode()] = record.value
+            await read_to_end(reader, [TopicPartition(self.topic, p) for p in partitions], keep, max_records=50_000)
         finally:
             await reader.stop()
         for p, ids in values.items():

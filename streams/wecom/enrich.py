@@ -46,6 +46,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from schemas.validation import Rejection
 from streams.kafka import connection
 from streams.kafka.admin import topic_partitions
+from streams.kafka.reads import read_to_end
 from streams.observability import metrics
 from streams.settings import Settings
 from streams.state.failpoints import failpoint
@@ -76,19 +77,15 @@ async def read_snapshots(settings: Settings, partitions: Optional[list[int]] = N
     await connection.start_client(consumer)
     try:
         numbers = partitions if partitions is not None else await topic_partitions(settings, topic)
-        tps = [TopicPartition(topic, p) for p in numbers]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
         snapshots: dict[str, Snapshot] = {}
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    key = record.key.decode()
-                    if record.value is None:
-                        snapshots.pop(key, None)
-                    else:
-                        snapshots[key] = Snapshot.from_wire(orjson.loads(record.value))
+
+        def on_record(record) -> None:
+            key = record.key.decode()
+            if record.value is None:
+                snapshots.pop(key, None)
+            else:
+                snapshots[key] = Snapshot.from_wire(orjson.loads(record.value))
+        await read_to_end(consumer, [TopicPartition(topic, p) for p in numbers], on_record)
         return snapshots
     finally:
         await consumer.stop()
@@ -212,16 +209,18 @@ class Enrichment:
     # -- partitions ---------------------------------------------------------------------------
     async def on_assigned(self, assigned) -> None:
         async with self.lock:
-            for tp in assigned:
-                if tp.topic != self.callbacks_topic or tp.partition in self.producers:
-                    continue
-                producer = AIOKafkaProducer(**connection.producer_kwargs(self.settings, linger_ms=1),
-                                            transactional_id=f"{self.settings.app_id}-enrich-{tp.partition}",
-                                            client_id="tagstream-enrich")
-                await connection.start_client(producer)     # fences the partition's previous owner
-                self.producers[tp.partition] = producer
-                self.snapshots[tp.partition] = await self._restore(tp.partition)
-                log.info("enrich: partition %d: %d snapshots restored", tp.partition, len(self.snapshots[tp.partition]))
+            await asyncio.gather(*(self._take(tp.partition) for tp in assigned
+                                   if tp.topic == self.callbacks_topic and tp.partition not in self.producers))
+
+    async def _take(self, partition: int) -> None:
+        """A newly assigned partition: its transactional producer, then its snapshots."""
+        producer = AIOKafkaProducer(**connection.producer_kwargs(self.settings, linger_ms=1),
+                                    transactional_id=f"{self.settings.app_id}-enrich-{partition}",
+                                    client_id="tagstream-enrich")
+        await connection.start_client(producer)     # fences the partition's previous owner
+        self.producers[partition] = producer
+        self.snapshots[partition] = await self._restore(partition)
+        log.info("enrich: partition %d: %d snapshots restored", partition, len(self.snapshots[partition]))
 
     async def on_revoked(self, revoked) -> None:
         async with self.lock:

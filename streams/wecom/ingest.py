@@ -86,7 +86,7 @@ class CallbackIngest:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        self.producer = AIOKafkaProducer(**connection.producer_kwargs(self.settings, linger_ms=self.settings.ingest_linger),
+        self.producer = AIOKafkaProducer(**connection.producer_kwargs(self.settings, linger_ms=0),
                                          client_id="tagstream-ingest")
         await connection.start_client(self.producer)
 
