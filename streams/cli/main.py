@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _uvloop() -> None:
     """uvloop's event loop (libuv; its transports are C): the worker's, and the ingest's, where
-    it took one process's answers from 1,060 to 1,180 callbacks/s (docs/ingest.md)."""
+    it took one process's answers up by 11% when it came in (commit eff056a)."""
     try:
         import uvloop
         uvloop.install()

@@ -424,8 +424,9 @@ class Enrichment:
     async def _click_id(self, corp_id: str, state: Optional[str]) -> Optional[str]:
         if not state:
             return None
-        if f"{corp_id}:{state}" not in self.clicks.values:
-            await self.clicks.caught_up(CLICKS_WAIT_S)
+        if f"{corp_id}:{state}" not in self.clicks.values and not await self.clicks.caught_up(CLICKS_WAIT_S):
+            log.warning("enrich: corp %s: the ad-clicks replica did not reach the topic's end within %.0f s; "
+                        "an add goes on with the click ids read so far", corp_id, CLICKS_WAIT_S)
         value = self.clicks.values.get(f"{corp_id}:{state}")
         return orjson.loads(value).get("click_id") if value else None
 
