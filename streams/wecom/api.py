@@ -11,6 +11,14 @@
   the errcode, which the enrichment dead-letters.
 - **Rate limit.** Each (corp, API) has a token bucket of `wecom_rate_limit` calls per minute,
   below WeCom's 10,000 (WECOM.md §4): one busy corp waits for its own bucket, nobody else's.
+- **Provider mode** (streams/wecom/provider.py). A corp that authorised the suite gets its
+  token from `service/get_corp_token` with its permanent code, under the suite's token, which
+  comes from `service/get_suite_token` with the newest ticket. Both are cached to expiry. A
+  suite token refused (42009 expired, 40082 invalid) is fetched again once; no ticket yet, or
+  a ticket WeCom refuses (40085), is retried like a busy answer (a new ticket comes every 10
+  minutes), so the corp's callbacks wait instead of failing. A permanent code refused (40084)
+  is permanent: `on_code_refused` marks the corp inactive, and its callbacks are
+  dead-lettered with the errcode, not retried forever.
 
 The access token is a secret: it is sent in the query string, as WeCom requires, and never
 logged (aiohttp logs no URLs here; errors are reported by API name and errcode only).
@@ -28,7 +36,8 @@ import aiohttp
 
 from streams.observability import metrics
 from streams.settings import Settings
-from streams.wecom.corps import Corp
+from streams.wecom.corps import Corp, Suite
+from streams.wecom.provider import ACTIVE, AuthBook
 
 #: a shorter retry budget for the calls made inside it (the enrichment's retries of a
 #: deferred corp: one quick look, not another full budget)
@@ -36,6 +45,13 @@ RETRY_BUDGET_S: contextvars.ContextVar = contextvars.ContextVar("wecom_retry_bud
 
 RETRYABLE = frozenset({-1, 45009, 45033})
 TOKEN_REFUSED = frozenset({40014, 42001})
+SUITE_TOKEN_REFUSED = frozenset({42009, 40082})
+#: a permanent code WeCom no longer accepts (the corp cancelled, or it was reset)
+CODE_REFUSED = 40084
+#: a suite ticket WeCom refuses (a newer one is on its way)
+TICKET_REFUSED = 40085
+#: the token cache's key of the suite's own token (no corp id has a NUL)
+SUITE = "\x00suite"
 #: a cached token is renewed this long before WeCom says it expires
 TOKEN_MARGIN_S = 300
 
@@ -75,9 +91,12 @@ class WeComClient:
 
     def __init__(self, settings: Settings, corps: dict[str, Corp], *, retry_budget_s: Optional[float] = None,
                  backoff_base_s: float = 0.1, backoff_cap_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 suite: Optional[Suite] = None, auth: Optional[AuthBook] = None,
+                 on_code_refused: Optional[Callable[[str], None]] = None):
         self.base = settings.wecom_api_base.rstrip("/") + "/"
         self.corps = corps
+        self.suite, self.auth, self.on_code_refused = suite, auth, on_code_refused
         self.rate_per_minute = settings.wecom_rate_limit
         self.timeout = aiohttp.ClientTimeout(total=settings.wecom_request_timeout / 1000)
         self.retry_budget_s = settings.wecom_retry_budget / 1000 if retry_budget_s is None else retry_budget_s
@@ -126,21 +145,34 @@ class WeComClient:
         return await self.call(corp_id, "POST", "externalcontact/batch/get_by_user",
                                json={"userid_list": userids, "cursor": cursor, "limit": limit})
 
+    # -- the provider's calls (under the suite's token) ------------------------------------------
+    async def get_permanent_code(self, auth_code: str) -> dict:
+        """The answer of service/get_permanent_code: `permanent_code`, `auth_corp_info.corpid`,
+        `auth_info.agent`. The auth code is single-use: a retry after a lost answer is refused."""
+        return await self.call(SUITE, "POST", "service/get_permanent_code", json={"auth_code": auth_code})
+
+    async def get_auth_info(self, corp_id: str, permanent_code: str) -> dict:
+        return await self.call(SUITE, "POST", "service/get_auth_info",
+                               json={"auth_corpid": corp_id, "permanent_code": permanent_code})
+
     # -- the machinery ----------------------------------------------------------------------------
     async def call(self, corp_id: str, method: str, api: str, *, params: Optional[dict] = None,
                    json: Any = None) -> dict:
-        """One API call with a token, retried as the module docstring says; the answer's JSON."""
+        """One API call with a token (the corp's, or with `SUITE` the suite's), retried as the
+        module docstring says; the answer's JSON."""
         budget_s = RETRY_BUDGET_S.get() or self.retry_budget_s
         deadline = self.clock() + budget_s
         attempt = 0
         refreshed = False
+        token_param, refused_codes = (("suite_access_token", SUITE_TOKEN_REFUSED) if corp_id == SUITE
+                                      else ("access_token", TOKEN_REFUSED))
         while True:
             token = await self._token(corp_id)
             await self._bucket(corp_id, api).take(self.clock)
-            errcode, answer = await self._send(method, api, {**(params or {}), "access_token": token}, json)
+            errcode, answer = await self._send(method, api, {**(params or {}), token_param: token}, json)
             if errcode == 0:
                 return answer
-            if errcode in TOKEN_REFUSED and not refreshed:
+            if errcode in refused_codes and not refreshed:
                 refreshed = True
                 self._drop_token(corp_id, token)
                 metrics.WECOM_TOKEN_REFRESHES.labels(str(errcode)).inc()
@@ -150,7 +182,7 @@ class WeComClient:
             attempt += 1
             pause = random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** attempt))
             if self.clock() + pause > deadline:
-                raise WeComUnavailable(f"{api} for corp {corp_id}: still {errcode if errcode is not None else 'failing'} "
+                raise WeComUnavailable(f"{api} for {_who(corp_id)}: still {errcode if errcode is not None else 'failing'} "
                                        f"after {attempt} attempts in {budget_s:.0f} s")
             await asyncio.sleep(pause)
 
@@ -177,24 +209,55 @@ class WeComClient:
             cached = self.tokens.get(corp_id)
             if cached and self.wall_clock() < cached[1]:
                 return cached[0]
-            corp = self.corps[corp_id]
             deadline = self.clock() + (RETRY_BUDGET_S.get() or self.retry_budget_s)
             attempt = 0
             while True:
-                errcode, answer = await self._send("GET", "gettoken",
-                                                   {"corpid": corp_id, "corpsecret": corp.contact_secret}, None)
+                api, errcode, answer, name = await self._fetch_token(corp_id)
                 if errcode == 0:
                     ttl = int(answer.get("expires_in", 7200))
-                    self.tokens[corp_id] = (answer["access_token"], self.wall_clock() + max(ttl - TOKEN_MARGIN_S, ttl / 2))
+                    self.tokens[corp_id] = (answer[name], self.wall_clock() + max(ttl - TOKEN_MARGIN_S, ttl / 2))
                     metrics.WECOM_TOKEN_REFRESHES.labels("expiry" if cached else "first").inc()
-                    return answer["access_token"]
+                    return answer[name]
                 if errcode is not None and errcode not in RETRYABLE:
-                    raise WeComError("gettoken", errcode, answer.get("errmsg", ""))
+                    raise WeComError(api, errcode, answer.get("errmsg", "") if answer else "")
                 attempt += 1
                 pause = random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** attempt))
                 if self.clock() + pause > deadline:
-                    raise WeComUnavailable(f"gettoken for corp {corp_id}: no token after {attempt} attempts")
+                    raise WeComUnavailable(f"{api} for {_who(corp_id)}: no token after {attempt} attempts")
                 await asyncio.sleep(pause)
+
+    async def _fetch_token(self, corp_id: str) -> tuple[str, Optional[int], Optional[dict], str]:
+        """(api, errcode, answer, the answer's token field) of one token request; errcode None
+        is retried. A self-built app's corp: gettoken with its secret. The suite: its ticket.
+        An authorised corp: its permanent code, under the suite's token."""
+        corp = self.corps.get(corp_id)
+        if corp is not None:
+            return ("gettoken", *await self._send("GET", "gettoken", {"corpid": corp_id,
+                                                                      "corpsecret": corp.contact_secret}, None),
+                    "access_token")
+        if self.suite is None or self.auth is None:
+            raise WeComError("gettoken", -2, "corp not configured")
+        if corp_id == SUITE:
+            ticket = self.auth.ticket()
+            if ticket is None:            # none pushed yet: retried until the budget ends
+                return "get_suite_token", None, None, ""
+            errcode, answer = await self._send("POST", "service/get_suite_token", {}, {
+                "suite_id": self.suite.suite_id, "suite_secret": self.suite.suite_secret, "suite_ticket": ticket[0]})
+            return "get_suite_token", None if errcode == TICKET_REFUSED else errcode, answer, "suite_access_token"
+        authorisation = self.auth.get(corp_id)
+        if authorisation is None or authorisation.status != ACTIVE or not authorisation.permanent_code:
+            raise WeComError("get_corp_token", CODE_REFUSED, "the corp has not authorised the suite"
+                             if authorisation is None else f"the corp's authorisation is {authorisation.status}")
+        suite_token = await self._token(SUITE)
+        errcode, answer = await self._send("POST", "service/get_corp_token", {"suite_access_token": suite_token},
+                                           {"auth_corpid": corp_id, "permanent_code": authorisation.permanent_code})
+        if errcode in SUITE_TOKEN_REFUSED:
+            self._drop_token(SUITE, suite_token)
+            metrics.WECOM_TOKEN_REFRESHES.labels(str(errcode)).inc()
+            return "get_corp_token", None, answer, ""        # again, with a fresh suite token
+        if errcode == CODE_REFUSED and self.on_code_refused is not None:
+            self.on_code_refused(corp_id)
+        return "get_corp_token", errcode, answer, "access_token"
 
     def _drop_token(self, corp_id: str, token: str) -> None:
         if self.tokens.get(corp_id, ("",))[0] == token:
@@ -206,3 +269,7 @@ class WeComClient:
             per_second = self.rate_per_minute / 60
             bucket = self.buckets[(corp_id, api)] = _Bucket(max(1.0, per_second), per_second, max(1.0, per_second), self.clock())
         return bucket
+
+
+def _who(corp_id: str) -> str:
+    return "the suite" if corp_id == SUITE else f"corp {corp_id}"

@@ -47,6 +47,7 @@ from schemas.validation import Rejection
 from streams.kafka import connection
 from streams.kafka.admin import topic_partitions
 from streams.kafka.reads import read_to_end
+from streams.kafka.replica import CompactedReplica
 from streams.observability import metrics
 from streams.settings import Settings
 from streams.state.failpoints import failpoint
@@ -96,82 +97,6 @@ def _corp_of(record) -> str:
     return record.key.decode().split(":", 1)[0]
 
 
-class CompactedReplica:
-    """A compacted topic read from the start and followed: key -> value (None removes).
-
-    `caught_up` asks the end offsets over a second client (`prober`, no assignment): on the
-    follower's own connection a ListOffsets queues behind the fetch the broker holds for
-    `fetch_max_wait` (500 ms), and every add without a known click paid that wait (the
-    tag-to-report p50 of 3.5-4 s in docs/ingest.md before this). Callers that arrive while a
-    request is in flight share the next one, so a batch of adds sends one or two requests."""
-
-    def __init__(self, settings: Settings, topic: str):
-        self.settings, self.topic = settings, topic
-        self.values: dict[str, bytes] = {}
-        self.consumer: Optional[AIOKafkaConsumer] = None
-        self.prober: Optional[AIOKafkaConsumer] = None
-        self.task: Optional[asyncio.Task] = None
-        self.probe_lock = asyncio.Lock()
-        self.probes_started = self.probes_answered = 0
-        self.last_ends: dict[TopicPartition, int] = {}
-
-    async def start(self) -> None:
-        kwargs = dict(**connection.client_kwargs(self.settings), group_id=None, enable_auto_commit=False,
-                      isolation_level="read_committed")
-        self.consumer = AIOKafkaConsumer(**kwargs, client_id="tagstream-enrich-replica")
-        self.prober = AIOKafkaConsumer(**kwargs, client_id="tagstream-enrich-replica-probe")
-        await connection.start_client(self.consumer)
-        await connection.start_client(self.prober)
-        tps = [TopicPartition(self.topic, p) for p in await topic_partitions(self.settings, self.topic)]
-        self.consumer.assign(tps)
-        await self.consumer.seek_to_beginning(*tps)
-        self.task = asyncio.create_task(self._follow())
-
-    async def _follow(self) -> None:
-        while True:
-            for records in (await self.consumer.getmany(timeout_ms=200)).values():
-                for record in records:
-                    key = record.key.decode()
-                    if record.value is None:
-                        self.values.pop(key, None)
-                    else:
-                        self.values[key] = record.value
-
-    async def end_offsets(self) -> dict[TopicPartition, int]:
-        """The topic's end offsets from a request sent after this call began (one in flight
-        at a time; the callers waiting for it share the answer)."""
-        wanted = self.probes_started + 1
-        async with self.probe_lock:
-            if self.probes_answered >= wanted:
-                return self.last_ends
-            self.probes_started += 1
-            started = self.probes_started
-            self.last_ends = await self.prober.end_offsets(list(self.consumer.assignment()))
-            self.probes_answered = started
-            return self.last_ends
-
-    async def caught_up(self, timeout_s: float) -> bool:
-        """Wait until everything written to the topic before this call has been read."""
-        deadline = time.monotonic() + timeout_s
-        try:
-            ends = await asyncio.wait_for(self.end_offsets(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        while True:
-            if all([await self.consumer.position(tp) >= end for tp, end in ends.items()]):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.005)
-
-    async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-        for client in (self.consumer, self.prober):
-            if client:
-                await client.stop()
-
-
 class _Outputs:
     """What one partition's batch writes, in one transaction."""
 
@@ -203,8 +128,8 @@ class Enrichment:
         self.read_to: dict[int, int] = {}         # partition -> next offset after the last batch read
         self.lock = asyncio.Lock()
         self.consumer: Optional[AIOKafkaConsumer] = None
-        self.clicks = CompactedReplica(settings, settings.topic("ad_clicks_topic"))
-        self.catalogue = CompactedReplica(settings, self.tags_topic)
+        self.clicks = CompactedReplica(settings, settings.topic("ad_clicks_topic"), "tagstream-enrich-clicks")
+        self.catalogue = CompactedReplica(settings, self.tags_topic, "tagstream-enrich-catalogue")
 
     # -- partitions ---------------------------------------------------------------------------
     async def on_assigned(self, assigned) -> None:

@@ -77,6 +77,7 @@ class FakeWeComApi:
         self.freq_limited_until: dict[str, float] = {}         # corp -> end of a 45009 burst
         self.calls: Counter = Counter()                        # (api, errcode) -> calls
         self.marked: list = []                                 # mark_tag requests accepted
+        self.extra_routes: list = []                           # the provider's (tests/fake_wecom/provider.py)
 
     # -- set-up and control ------------------------------------------------------------------
     def add_corp(self, corp_id: str, secret: str, tags: dict[str, str]) -> FakeCorp:
@@ -109,6 +110,7 @@ class FakeWeComApi:
             web.post("/cgi-bin/externalcontact/batch/get_by_user", self.batch_get_by_user),
             web.post("/cgi-bin/externalcontact/get_corp_tag_list", self.get_corp_tag_list),
             web.post("/cgi-bin/externalcontact/mark_tag", self.mark_tag),
+            *self.extra_routes,
         ])
         return app
 
@@ -116,7 +118,9 @@ class FakeWeComApi:
         self.calls[(api, errcode)] += 1
         messages = {0: "ok", -1: "system busy", 40001: "invalid credential", 40014: "invalid access_token",
                     42001: "access_token expired", 45009: "api freq out of limit", 45033: "api concurrent out of limit",
-                    84061: "not external contact", 40003: "invalid userid", 41001: "access_token missing"}
+                    84061: "not external contact", 40003: "invalid userid", 41001: "access_token missing",
+                    40029: "invalid code", 40082: "invalid suite_token", 42009: "suite_access_token expired",
+                    40084: "invalid permanent_code", 40085: "invalid suite_ticket"}
         return web.json_response({"errcode": errcode, "errmsg": messages.get(errcode, "error"), **body})
 
     def _authorise(self, api: str, request: web.Request) -> tuple[Optional[FakeCorp], Optional[web.Response]]:

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from streams.kafka import connection
 from streams.kafka.admin import ensure_topics
 from streams.settings import Settings
-from streams.wecom.enrich import CompactedReplica
+from streams.kafka.replica import CompactedReplica
 from tests import kafka_io
 
 
