@@ -76,6 +76,7 @@ class Settings:
     wecom_tags_topic: str = _setting("wecom-tags", "each corp's tag catalogue (compacted; kept by the ingest)")
     wecom_snapshots_topic: str = _setting("wecom-snapshots", "each relationship's corp tags as last seen (compacted; the enrichment's table, partitioned like wecom-callbacks)")
     wecom_auth_topic: str = _setting("wecom-auth", "provider mode: the suite ticket and each authorised corp's status and permanent code, sealed (compacted; written by the enrichment)")
+    wecom_erasures_topic: str = _setting("wecom-erasures", "provider mode: the audit of each erasure of a corp that cancelled (corp id, time, what and how many keys; no personal data)")
     ad_clicks_topic: str = _setting("ad-clicks", "click ids by corp_id:state (compacted; written by whoever builds the ad's contact link)")
     # the WeCom ingest (SPEC §7)
     wecom_corps_file: str = _setting("", "YAML file of the corps whose callbacks the ingest takes (docs/ingest.md); their secrets come from files or TAGSTREAM_WECOM_<CORP_ID>_* variables, never from this file")

@@ -278,9 +278,12 @@ def cmd_sink(args, settings: Settings) -> int:
 
 def cmd_ingest(args, settings: Settings) -> int:
     from streams.kafka.admin import ensure_topics
-    from streams.wecom.corps import load_corps
+    from streams.wecom.corps import load_corps, load_suite
     from streams.wecom.ingest import serve
+    from streams.wecom.provider import Vault
     corps = load_corps(settings)
+    suite = load_suite(settings)
+    vault = Vault.from_settings(settings) if suite else None
     api_token = None
     if settings.ingest_api_token_file:
         try:
@@ -298,7 +301,7 @@ def cmd_ingest(args, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await ensure_topics(settings)
-        await serve(settings, corps, stop, api_token)
+        await serve(settings, corps, stop, api_token, suite, vault)
 
     _uvloop()
     asyncio.run(run())
@@ -308,10 +311,13 @@ def cmd_ingest(args, settings: Settings) -> int:
 def cmd_enrich(args, settings: Settings) -> int:
     from streams.kafka.admin import ensure_topics
     from streams.wecom.api import WeComClient
-    from streams.wecom.corps import load_corps
+    from streams.wecom.corps import load_corps, load_suite
     from streams.wecom.enrich import Enrichment
+    from streams.wecom.provider import AuthBook, Vault
     from streams.observability import metrics
     corps = load_corps(settings)
+    suite = load_suite(settings)
+    auth = AuthBook(Vault.from_settings(settings)) if suite else None
     _logging(settings)
     metrics.serve(settings.enrich_metrics_port)
 
@@ -321,7 +327,7 @@ def cmd_enrich(args, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await ensure_topics(settings)
-        async with WeComClient(settings, corps) as client:
+        async with WeComClient(settings, corps, suite=suite, auth=auth) as client:
             await Enrichment(settings, corps, client).run(stop)
 
     asyncio.run(run())

@@ -26,7 +26,8 @@ TOPIC_SETTINGS = (
     "tag_events_topic", "contact_events_topic", "tag_mappings_topic",
     "conversion_reports_topic", "unreportable_topic", "dead_letters_topic",
     "report_failures_topic", "delivered_reports_topic", "retry_reports_topic",
-    "wecom_callbacks_topic", "wecom_snapshots_topic", "wecom_tags_topic", "ad_clicks_topic", "wecom_auth_topic")
+    "wecom_callbacks_topic", "wecom_snapshots_topic", "wecom_tags_topic", "ad_clicks_topic", "wecom_auth_topic",
+    "wecom_erasures_topic")
 COMPACTED = {"tag_mappings_topic", "delivered_reports_topic", "wecom_snapshots_topic", "wecom_tags_topic",
              "ad_clicks_topic", "wecom_auth_topic"}
 EVENT_TOPICS = {"tag_events_topic", "contact_events_topic"}

@@ -250,8 +250,18 @@ WECOM_TOKEN_REFRESHES = Counter(
 WECOM_ENRICHED = Counter(
     "tagstream_wecom_callbacks_enriched_total",
     "Callbacks the enrichment took, by outcome: committed (their events are written), "
-    "deferred (WeCom kept refusing their corp; retried later), dead_lettered (a permanent errcode), ignored",
+    "deferred (WeCom kept refusing their corp; retried later), dead_lettered (a permanent errcode), ignored, "
+    "refused (a provider-mode corp that is not authorised, or has cancelled: dropped, not dead-lettered)",
     ["outcome"])
+WECOM_AUTH_COMMANDS = Counter(
+    "tagstream_wecom_auth_commands_total",
+    "Provider-mode commands the enrichment acted on, by InfoType and outcome (applied, duplicate, refused)",
+    ["info_type", "outcome"])
+WECOM_PERMANENT_CODE_UNSAVED = Histogram(
+    "tagstream_wecom_permanent_code_unsaved_seconds",
+    "From get_permanent_code's answer to the broker's ack of the sealed code on wecom-auth: the window in which "
+    "a crash loses a corp's authorisation (the auth code is single-use)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 WECOM_DEFERRED = Gauge(
     "tagstream_wecom_deferred_callbacks",
     "Callbacks waiting because WeCom keeps refusing their corp (the others go on)")

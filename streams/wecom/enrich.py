@@ -28,13 +28,23 @@ holding more than `MAX_DEFERRED` deferred callbacks stops fetching until they dr
 memory bound, logged).
 
 Permanent API errors (e.g. 84061, no such contact) send the callback to `dead-letters`
-with the errcode. Click ids come from `ad-clicks` (a replica of the compacted topic, read to
+with the errcode.
+
+**Provider mode** (streams/wecom/provider.py): the suite's commands are acted on here, in
+order on their partition, and their results written to `wecom-auth`, which this process
+follows. A corp's events are enriched only while its authorisation is active; those of a
+corp that has cancelled, or is inactive, are refused (counted, and dropped: a dead letter
+would keep an erased corp's data). Those of a corp not authorised yet wait like a corp WeCom
+refuses (its `create_auth` is keyed by the suite, so it may be applied on another partition
+a moment later), for at most `UNKNOWN_CORP_WAIT_S`, and are refused after that. A permanent code WeCom refuses (40084) makes the corp
+inactive. Click ids come from `ad-clicks` (a replica of the compacted topic, read to
 its end before an add is enriched), and the tag catalogue is kept in `wecom-tags` from
 `get_corp_tag_list` after each `change_external_tag`.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import defaultdict, deque
@@ -51,8 +61,10 @@ from streams.kafka.replica import CompactedReplica
 from streams.observability import metrics
 from streams.settings import Settings
 from streams.state.failpoints import failpoint
-from streams.wecom.api import RETRY_BUDGET_S, WeComClient, WeComError, WeComUnavailable
+from streams.wecom.api import CODE_REFUSED, RETRY_BUDGET_S, WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Corp
+from streams.wecom.provider import (ACTIVE, CANCELLED, COMMANDS, INACTIVE, Authorisation, agent_id_of, corp_hash,
+                                   open_command)
 from streams.wecom.enrichment import (ADDS, DELETES, Snapshot, contact_event, corp_tags, diff_tags,
                                       follow_user_of, snapshot_key)
 from streams.wecom.messages import Callback
@@ -67,6 +79,10 @@ RETRY_LOOK_S = 1.0
 MAX_DEFERRED = 50_000
 #: how long an add waits for the ad-clicks replica to reach the topic's end
 CLICKS_WAIT_S = 5.0
+#: provider mode: how long the callbacks of a corp with no authorisation wait for its
+#: create_auth (keyed by the suite, so maybe on another partition) before they are refused;
+#: an auth code is valid for 10 minutes
+UNKNOWN_CORP_WAIT_S = 600.0
 
 
 async def read_snapshots(settings: Settings, partitions: Optional[list[int]] = None) -> dict[str, Snapshot]:
@@ -130,6 +146,17 @@ class Enrichment:
         self.consumer: Optional[AIOKafkaConsumer] = None
         self.clicks = CompactedReplica(settings, settings.topic("ad_clicks_topic"), "tagstream-enrich-clicks")
         self.catalogue = CompactedReplica(settings, self.tags_topic, "tagstream-enrich-catalogue")
+        # provider mode: the authorisations the client's tokens come from, followed from wecom-auth
+        self.suite, self.auth = client.suite, client.auth
+        self.auth_topic = settings.topic("wecom_auth_topic")
+        self.auth_replica: Optional[CompactedReplica] = None
+        self.auth_producer: Optional[AIOKafkaProducer] = None
+        if self.auth is not None:
+            self.auth_replica = CompactedReplica(settings, self.auth_topic, "tagstream-enrich-auth")
+            self.auth_replica.values = self.auth.values
+            self.rules = CompactedReplica(settings, settings.topic("tag_mappings_topic"), "tagstream-enrich-rules")
+        self.erasures_topic = settings.topic("wecom_erasures_topic")
+        self.erased_as_of: dict[int, frozenset] = {}    # partition -> the cancelled corps its snapshots are rid of
 
     # -- partitions ---------------------------------------------------------------------------
     async def on_assigned(self, assigned) -> None:
@@ -154,6 +181,7 @@ class Enrichment:
                 if producer is not None:
                     await producer.stop()
                 self.snapshots.pop(tp.partition, None)
+                self.erased_as_of.pop(tp.partition, None)
                 self.deferred.pop(tp.partition, None)       # the next owner reads them again
                 self.read_to.pop(tp.partition, None)
                 for key in [k for k in self.retry_at if k[0] == tp.partition]:
@@ -167,6 +195,13 @@ class Enrichment:
     async def run(self, stop: asyncio.Event) -> None:
         await self.clicks.start()
         await self.catalogue.start()
+        if self.auth_replica is not None:
+            await self.rules.start()
+            await self.auth_replica.start()
+            await self.auth_replica.caught_up(30.0)       # every authorisation known before a callback
+            self.auth_producer = AIOKafkaProducer(**connection.producer_kwargs(self.settings, linger_ms=0),
+                                                  client_id="tagstream-enrich-auth")
+            await connection.start_client(self.auth_producer)
         enrichment = self
 
         class Listener(ConsumerRebalanceListener):
@@ -192,12 +227,19 @@ class Enrichment:
                     await asyncio.gather(*(self._enrich_batch(tp, records) for tp, records in batches.items()
                                            if tp.partition in self.producers and records))
                     await self._retry_deferred()
+                    if self.auth is not None:
+                        await self._erase_snapshots()
         finally:
             await self.consumer.stop()
             for producer in self.producers.values():
                 await producer.stop()
             await self.clicks.stop()
             await self.catalogue.stop()
+            if self.auth_replica is not None:
+                await self.auth_replica.stop()
+                await self.rules.stop()
+            if self.auth_producer is not None:
+                await self.auth_producer.stop()
 
     async def _enrich_batch(self, tp: TopicPartition, records: list) -> None:
         """One transaction for a partition's batch (see the module docstring). Callbacks of
@@ -225,19 +267,21 @@ class Enrichment:
             log.warning("enrich: partition %d: more than %d callbacks deferred; fetching paused", tp.partition,
                         MAX_DEFERRED)
 
-    async def _commit(self, tp: TopicPartition, staged: dict, outputs: list) -> None:
+    async def _commit(self, tp: TopicPartition, staged: dict, outputs: list, advance: bool = True) -> None:
         """The outputs, the snapshots and the offset in one transaction. The offset is the
         oldest deferred callback's, so a restart reads every deferred callback again (and
-        the callbacks after it: their snapshots moved, so they write nothing new)."""
-        deferred = self.deferred.get(tp.partition, {})
-        heads = [queue[0].offset for queue in deferred.values() if queue]
-        commit_to = min(heads + [self.read_to[tp.partition]])
+        the callbacks after it: their snapshots moved, so they write nothing new). Without
+        `advance` (an erasure between batches) the offset is left as it is."""
         producer = self.producers[tp.partition]
         async with producer.transaction():
             for out in outputs:
                 for topic, key, value, partition in out.records:
                     await producer.send(topic, key=key, value=value, partition=partition)
-            await producer.send_offsets_to_transaction({tp: commit_to}, self.group)
+            if advance:
+                deferred = self.deferred.get(tp.partition, {})
+                heads = [queue[0].offset for queue in deferred.values() if queue]
+                commit_to = min(heads + [self.read_to[tp.partition]])
+                await producer.send_offsets_to_transaction({tp: commit_to}, self.group)
             await producer.flush()
             failpoint("enrich-sent")
         self.snapshots[tp.partition] = staged
@@ -290,6 +334,8 @@ class Enrichment:
                 log.warning("enrich: corp %s: %s; its callbacks wait, other corps go on", callback.corp_id, exc)
                 return records[i:]
             except WeComError as exc:
+                if exc.errcode == CODE_REFUSED:
+                    self._deactivate(callback.corp_id, out)
                 metrics.WECOM_ENRICHED.labels("dead_lettered").inc()
                 rejection = Rejection("wecom_errcode", f"{exc.api}: errcode {exc.errcode} {exc.errmsg}".strip())
                 letter = rejection.dead_letter(topic=record.topic, partition=record.partition, offset=record.offset,
@@ -300,7 +346,20 @@ class Enrichment:
         return []
 
     async def _enrich(self, partition: int, callback: Callback, staged: dict, out: _Outputs) -> None:
+        if callback.event in COMMANDS and self.suite is not None and callback.fields.get("SuiteId") == self.suite.suite_id:
+            await self._command(callback, out)
+            return
         corp = self.corps.get(callback.corp_id)
+        if corp is None and self.suite is not None:
+            authorisation = self.auth.get(callback.corp_id)
+            if authorisation is None and self.auth.status(callback.corp_id) != CANCELLED and \
+                    time.time() * 1000 - callback.received_at < UNKNOWN_CORP_WAIT_S * 1000:
+                # its create_auth (another partition) may not be applied yet: wait, as for a busy WeCom
+                raise WeComUnavailable(f"corp {callback.corp_id} has not authorised the suite (yet)")
+            if authorisation is None or authorisation.status != ACTIVE:
+                metrics.WECOM_ENRICHED.labels("refused").inc()
+                return
+            corp = self.suite.corp(callback.corp_id, authorisation.agent_id)
         if corp is None:                  # the corps file lost it since the ingest took it
             raise WeComError("config", -2, "corp not configured")
         event = callback.event
@@ -345,6 +404,116 @@ class Enrichment:
             staged[skey] = snapshot
             out.add(self.snapshots_topic, skey, orjson.dumps(snapshot.to_wire()), partition)
         metrics.WECOM_TAG_EVENTS.inc(len(events))
+
+    # -- provider mode ------------------------------------------------------------------------------
+    async def _command(self, callback: Callback, out: _Outputs) -> None:
+        """A suite command (streams/wecom/provider.py): its result into `wecom-auth`."""
+        info_type, fields = callback.event, open_command(callback.fields, self.auth.vault)
+        at = callback.create_time_ms or callback.received_at
+        outcome = "applied"
+        if info_type == "suite_ticket":
+            record = self.auth.record_ticket(fields.get("SuiteTicket", ""), at)
+            if record is None:
+                outcome = "duplicate"     # an older push, retried late
+            else:
+                out.add(self.auth_topic, *record)
+        elif info_type == "create_auth":
+            outcome = await self._authorise(fields.get("AuthCode", ""), at, out)
+        elif info_type == "change_auth":
+            current = self.auth.get(callback.corp_id)
+            if current is None or current.status != ACTIVE:
+                outcome = "refused"
+            else:
+                answer = await self.client.get_auth_info(current.corp_id, current.permanent_code)
+                out.add(self.auth_topic, *self.auth.record(Authorisation(
+                    current.corp_id, ACTIVE, current.permanent_code, agent_id_of(answer) or current.agent_id, at)))
+        elif info_type == "cancel_auth":
+            current = self.auth.get(callback.corp_id)
+            if current is None:
+                outcome = "duplicate" if self.auth.status(callback.corp_id) == CANCELLED else "refused"
+            else:                         # the record, and with it the permanent code, is deleted
+                for key, value in self.auth.record_cancel(current.corp_id, at):
+                    out.add(self.auth_topic, key, value)
+                self.client.tokens.pop(current.corp_id, None)
+                self._erase_shared(current.corp_id, out)
+                log.info("enrich: corp %s cancelled its authorisation; its callbacks are refused from now on, "
+                         "and its data erased", current.corp_id)
+        metrics.WECOM_AUTH_COMMANDS.labels(info_type, outcome).inc()
+
+    async def _authorise(self, auth_code: str, at: int, out: _Outputs) -> str:
+        """create_auth: the single-use code for the corp's permanent code, saved at once (the
+        module docstring of streams/wecom/provider.py names the window)."""
+        code_hash = hashlib.sha256(auth_code.encode()).hexdigest()
+        if any(self.auth.code_hash(corp_id) == code_hash for corp_id in self.auth.corp_ids()):
+            return "duplicate"            # WeCom retried the push; the code was used and saved
+        try:
+            answer = await self.client.get_permanent_code(auth_code)
+        except WeComError as exc:         # used or expired, and not by us: the corp must authorise again
+            log.warning("enrich: create_auth: get_permanent_code refused the auth code (errcode %d); the corp "
+                        "is not authorised until its admin authorises again", exc.errcode)
+            return "refused"
+        answered = time.perf_counter()
+        corp_id = (answer.get("auth_corp_info") or {}).get("corpid", "")
+        key, value = self.auth.record(Authorisation(corp_id, ACTIVE, answer["permanent_code"], agent_id_of(answer), at),
+                                      code_hash=code_hash)
+        for cancel_key, tombstone in self.auth.record_uncancel(corp_id):    # it had cancelled before
+            out.add(self.auth_topic, cancel_key, tombstone)
+        await (await self.auth_producer.send(self.auth_topic, key=key.encode(), value=value))
+        metrics.WECOM_PERMANENT_CODE_UNSAVED.observe(time.perf_counter() - answered)
+        failpoint("permanent-code-saved")
+        out.add(self.auth_topic, key, value)      # and again in the batch's transaction: the same record
+        log.info("enrich: corp %s authorised the suite", corp_id)
+        return "applied"
+
+    # -- erasure of a corp that cancelled ------------------------------------------------------
+    def _erase_shared(self, corp_id: str, out: _Outputs) -> None:
+        """The compacted topics every partition shares (the catalogue, the click ids, the
+        rules): a tombstone for each of the corp's keys, in the cancel_auth's transaction."""
+        prefix = f"{corp_id}:"
+        for replica, topic in ((self.catalogue, self.tags_topic), (self.clicks, self.clicks.topic),
+                               (self.rules, self.rules.topic)):
+            keys = sorted(k for k in replica.values if k.startswith(prefix))
+            for key in keys:
+                out.add(topic, key, None)
+            self._audit(out, corp_id, topic, None, len(keys))
+
+    async def _erase_snapshots(self) -> None:
+        """The snapshots of every cancelled corp on this process's partitions: tombstones, one
+        transaction per partition with its audit record. Checked when the set of cancelled
+        corps changes and after a partition is restored (callbacks of a cancelled corp are
+        refused, so no snapshot of it comes back)."""
+        cancelled = self.auth.cancelled_hashes()
+        for partition in list(self.producers):
+            if self.erased_as_of.get(partition) == cancelled or partition not in self.snapshots:
+                continue
+            doomed = [key for key in self.snapshots[partition] if corp_hash(key.split(":", 1)[0]) in cancelled]
+            if doomed:
+                staged, out = dict(self.snapshots[partition]), _Outputs()
+                erased: dict[str, int] = defaultdict(int)
+                for key in doomed:
+                    del staged[key]
+                    out.add(self.snapshots_topic, key, None, partition)
+                    erased[key.split(":", 1)[0]] += 1
+                for corp_id, count in sorted(erased.items()):
+                    self._audit(out, corp_id, self.snapshots_topic, partition, count)
+                    log.info("enrich: corp %s: %d snapshots of partition %d erased", corp_id, count, partition)
+                await self._commit(TopicPartition(self.callbacks_topic, partition), staged, [out], advance=False)
+            self.erased_as_of[partition] = cancelled
+
+    def _audit(self, out: _Outputs, corp_id: str, topic: str, partition: Optional[int], keys: int) -> None:
+        """An erasure's audit record: the corp, when, where and how many keys; no personal data."""
+        out.add(self.erasures_topic, corp_id, orjson.dumps({
+            "corp_id": corp_id, "at": int(time.time() * 1000), "component": "enrich", "topic": topic,
+            "partition": partition, "keys_erased": keys}))
+
+    def _deactivate(self, corp_id: str, out: _Outputs) -> None:
+        """WeCom refused the corp's permanent code (40084): inactive until it authorises again."""
+        current = self.auth.get(corp_id) if self.auth is not None else None
+        if current is not None and current.status == ACTIVE:
+            out.add(self.auth_topic, *self.auth.record(Authorisation(corp_id, INACTIVE, current.permanent_code,
+                                                                     current.agent_id, int(time.time() * 1000))))
+            log.warning("enrich: corp %s: WeCom refused its permanent code (40084); inactive until it authorises "
+                        "again", corp_id)
 
     async def _click_id(self, corp_id: str, state: Optional[str]) -> Optional[str]:
         if not state:

@@ -9,7 +9,7 @@ direct child element holding text, and that is all this module reads.
 A `Callback` is the decrypted message's fields plus what the ingest knows about it (the
 corp it was addressed to, when it was received). Its key on `wecom-callbacks` is
 `corp_id:external_userid`, else `corp_id` (SPEC §2), so one customer's callbacks stay in
-order on one partition.
+order on one partition; a provider suite's own commands are keyed `suite_id/InfoType`.
 """
 from __future__ import annotations
 
@@ -93,7 +93,13 @@ class Callback:
         return int(text) * 1000 if text and text.isdigit() else None
 
     def key(self) -> bytes:
-        return (f"{self.corp_id}:{self.external_userid}" if self.external_userid else self.corp_id).encode()
+        if self.external_userid:
+            return f"{self.corp_id}:{self.external_userid}".encode()
+        if self.fields.get("SuiteId") and not self.fields.get("AuthCorpId"):
+            # a suite's own commands, one queue per InfoType: a create_auth waiting for a
+            # ticket must not hold the next ticket back (streams/wecom/enrich.py defers by queue)
+            return f"{self.corp_id}/{self.event}".encode()
+        return self.corp_id.encode()
 
     def content_id(self) -> str:
         """A hash of what the callback says, not of how it was delivered: a retry, identical

@@ -21,14 +21,19 @@ one partition; a corp's commands are keyed by its id.
 **State.** The compacted topic `wecom-auth`, written only by the enrichment:
 
     suite_ticket      -> {"ticket": <sealed>, "at": epoch ms of the ticket}
-    corp:<corp_id>    -> {"corp_id", "status", "permanent_code": <sealed> or null, "agent_id", "at"}
+    corp:<corp_id>    -> {"corp_id", "status", "permanent_code": <sealed> or null, "agent_id", "at",
+                          "code_hash": SHA-256 of the spent auth code (a retried create_auth)}
+    cancelled:<SHA-256 of the corp id> -> {"at": epoch ms of the cancel_auth}
 
-`status` is `active`, `inactive` (WeCom refused the permanent code: 40084; not retried until
-the corp authorises again) or `cancelled`. Every process that needs it follows the topic
+`status` is `active` or `inactive` (WeCom refused the permanent code: 40084; not retried
+until the corp authorises again). A corp that cancels loses its `corp:` record (a
+tombstone) and is remembered only by the hash of its id, which is enough to refuse its
+later callbacks and to find its keys, and holds nothing of the corp in clear. Every process that needs it follows the topic
 (`AuthBook` over a `CompactedReplica`), so every replica shares the authorisations and a
 restart keeps them.
 
-**Secrets at rest.** The ticket and the permanent codes are sealed with Fernet
+**Secrets at rest.** The ingest seals a command's ticket and auth code (`seal_command`)
+before it writes the command to `wecom-callbacks`. The ticket and the permanent codes are sealed with Fernet
 (`cryptography`: AES-128-CBC and HMAC-SHA256) under the vault key from
 `wecom_vault_key_file` or `TAGSTREAM_WECOM_VAULT_KEY`. Neither a sealed nor an open secret
 is ever logged, counted or dead-lettered; `Authorisation`'s repr leaves the code out.
@@ -43,6 +48,7 @@ permanent code twice).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, MutableMapping, Optional
@@ -54,9 +60,14 @@ from streams.settings import ConfigError, Settings
 
 TICKET_KEY = "suite_ticket"
 CORP_PREFIX = "corp:"
+CANCELLED_PREFIX = "cancelled:"
 ACTIVE, INACTIVE, CANCELLED = "active", "inactive", "cancelled"
 #: the commands of a suite, as opposed to a corp's contact and tag events
 COMMANDS = frozenset({"suite_ticket", "create_auth", "change_auth", "cancel_auth"})
+
+
+#: the fields of a command that are credentials, sealed on `wecom-callbacks`
+SECRET_FIELDS = ("SuiteTicket", "AuthCode")
 
 
 class Vault:
@@ -143,11 +154,17 @@ class AuthBook:
     def status(self, corp_id: str) -> Optional[str]:
         """`active`, `inactive`, `cancelled`, or None for a corp that never authorised."""
         value = self.values.get(CORP_PREFIX + corp_id)
-        return orjson.loads(value)["status"] if value is not None else None
+        if value is not None:
+            return orjson.loads(value)["status"]
+        return CANCELLED if CANCELLED_PREFIX + corp_hash(corp_id) in self.values else None
 
     def corp_ids(self, status: Optional[str] = None) -> list[str]:
+        """The corps with a `corp:` record (a cancelled corp has none)."""
         ids = [key[len(CORP_PREFIX):] for key in self.values if key.startswith(CORP_PREFIX)]
         return sorted(i for i in ids if status is None or self.status(i) == status)
+
+    def cancelled_hashes(self) -> frozenset:
+        return frozenset(key[len(CANCELLED_PREFIX):] for key in self.values if key.startswith(CANCELLED_PREFIX))
 
     # -- writing ------------------------------------------------------------------------------
     def record_ticket(self, ticket: str, at_ms: int) -> Optional[tuple[str, bytes]]:
@@ -160,15 +177,48 @@ class AuthBook:
         self.values[TICKET_KEY] = value
         return TICKET_KEY, value
 
-    def record(self, auth: Authorisation) -> tuple[str, bytes]:
+    def code_hash(self, corp_id: str) -> Optional[str]:
+        """The SHA-256 of the auth code the corp's permanent code was fetched with: a retried
+        `create_auth` is recognised by it (the code is single-use and spent by then)."""
+        value = self.values.get(CORP_PREFIX + corp_id)
+        return orjson.loads(value).get("code_hash") if value is not None else None
+
+    def record_cancel(self, corp_id: str, at_ms: int) -> list[tuple[str, Optional[bytes]]]:
+        """The records of a cancel: the corp's record deleted, the hash of its id kept."""
+        marker = orjson.dumps({"at": at_ms})
+        self.values.pop(CORP_PREFIX + corp_id, None)
+        self.values[CANCELLED_PREFIX + corp_hash(corp_id)] = marker
+        return [(CORP_PREFIX + corp_id, None), (CANCELLED_PREFIX + corp_hash(corp_id), marker)]
+
+    def record_uncancel(self, corp_id: str) -> list[tuple[str, Optional[bytes]]]:
+        """A corp that cancelled and authorises again: its cancel marker deleted."""
+        if self.values.pop(CANCELLED_PREFIX + corp_hash(corp_id), None) is None:
+            return []
+        return [(CANCELLED_PREFIX + corp_hash(corp_id), None)]
+
+    def record(self, auth: Authorisation, code_hash: Optional[str] = None) -> tuple[str, bytes]:
         value = orjson.dumps({"corp_id": auth.corp_id, "status": auth.status, "agent_id": auth.agent_id,
                               "at": auth.at, "permanent_code": self.vault.seal(auth.permanent_code)
-                              if auth.permanent_code else None})
+                              if auth.permanent_code else None,
+                              "code_hash": code_hash or self.code_hash(auth.corp_id)})
         self.values[CORP_PREFIX + auth.corp_id] = value
         return CORP_PREFIX + auth.corp_id, value
+
+
+def corp_hash(corp_id: str) -> str:
+    return hashlib.sha256(corp_id.encode()).hexdigest()
 
 
 def agent_id_of(answer: dict) -> str:
     """The suite's agent id in a corp, from get_permanent_code's or get_auth_info's answer."""
     agents = (answer.get("auth_info") or {}).get("agent") or []
     return str(agents[0].get("agentid", "")) if agents else ""
+
+
+def seal_command(fields: dict, vault: Vault) -> dict:
+    """A command as `wecom-callbacks` keeps it: its credentials sealed."""
+    return {name: vault.seal(value) if name in SECRET_FIELDS and value else value for name, value in fields.items()}
+
+
+def open_command(fields: dict, vault: Vault) -> dict:
+    return {name: vault.open(value) if name in SECRET_FIELDS and value else value for name, value in fields.items()}

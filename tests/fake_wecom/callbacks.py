@@ -63,9 +63,10 @@ class CallbackSender:
 
     def __init__(self, base_url: str, cryptos: dict[str, CallbackCrypto], *, timeout_s: float = 5.0,
                  retries: int = 3, retry_intervals_s: tuple = (0.2, 0.5, 1.0), resign_share: float = 0.5,
-                 drop_rate: float = 0.0, seed: int = 1):
+                 drop_rate: float = 0.0, seed: int = 1, suites: frozenset = frozenset()):
         self.base_url = base_url.rstrip("/")
         self.cryptos = cryptos
+        self.suites = suites              # ids among `cryptos` that are suites: their command URL
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.retries = retries
         self.retry_intervals_s = retry_intervals_s
@@ -83,6 +84,8 @@ class CallbackSender:
         await self.session.close()
 
     def url(self, corp_id: str) -> str:
+        if corp_id in self.suites:
+            return f"{self.base_url}/wecom/suite/{corp_id}"
         return f"{self.base_url}/wecom/{corp_id}/callback"
 
     async def post(self, corp_id: str, signed: SignedCallback) -> int:

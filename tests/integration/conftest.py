@@ -218,17 +218,28 @@ class IngestProcess:
     them, never holds them)."""
 
     def __init__(self, pipeline: Pipeline, corps: dict[str, tuple], log_path: Path, command: str = "ingest",
-                 **overrides: str):
+                 suite: Optional[tuple] = None, **overrides: str):
+        """`suite`: provider mode, (suite_id, token, encoding_aes_key, suite_secret,
+        wechat_app_id, vault_key)."""
         self.command = command
         secrets = pipeline.tmp_dir / "secrets"
         secrets.mkdir(exist_ok=True)
-        lines = ["corps:"]
+        lines = ["corps:" if corps else "corps: []"]
         for corp_id, (token, aes_key, contact_secret, app_id) in corps.items():
             for name, value in (("token", token), ("encoding_aes_key", aes_key), ("contact_secret", contact_secret)):
                 (secrets / f"{corp_id}.{name}").write_text(value)
             lines += [f"  - corp_id: {corp_id}", f"    wechat_app_id: {app_id}"]
             lines += [f"    {name}_file: {secrets / f'{corp_id}.{name}'}"
                       for name in ("token", "encoding_aes_key", "contact_secret")]
+        if suite is not None:
+            suite_id, token, aes_key, suite_secret, app_id, vault_key = suite
+            for name, value in (("token", token), ("encoding_aes_key", aes_key), ("suite_secret", suite_secret),
+                                ("vault_key", vault_key)):
+                (secrets / f"{suite_id}.{name}").write_text(value)
+            lines += ["suite:", f"  suite_id: {suite_id}", f"  wechat_app_id: {app_id}"]
+            lines += [f"  {name}_file: {secrets / f'{suite_id}.{name}'}"
+                      for name in ("token", "encoding_aes_key", "suite_secret")]
+            overrides.setdefault("wecom_vault_key_file", str(secrets / f"{suite_id}.vault_key"))
         corps_file = pipeline.tmp_dir / "wecom-corps.yaml"
         corps_file.write_text("\n".join(lines) + "\n")
         self.port = free_port()

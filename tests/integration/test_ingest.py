@@ -20,7 +20,10 @@ CORPS = {
     "wwcorpa0000000001": ("ingest-token-A", "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt", "ingest-secret-A", "wxappA"),
     "wwcorpb0000000002": ("ingest-token-B", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "ingest-secret-B", "wxappB"),
 }
-SECRETS = [v for token, key, secret, _ in CORPS.values() for v in (token, key, secret)]
+#: a provider's suite beside them (docs/provider.md): id, token, key, secret, app id, vault key
+SUITE = ("wwsuiteingest01", "ingest-suite-token", "S" * 43, "ingest-suite-secret", "wxsuite",
+         "9d7Jx3Ya8Sgbm1eP8ZlKYtiJYpZ5o3u8NqWvRkPDQ7E=")
+SECRETS = [v for token, key, secret, _ in CORPS.values() for v in (token, key, secret)] + [SUITE[1], SUITE[3], SUITE[5]]
 CRYPTOS = {corp: CallbackCrypto(token, key) for corp, (token, key, _, _) in CORPS.items()}
 A, B = sorted(CORPS)
 
@@ -36,7 +39,7 @@ def ingest(kafka_broker, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ingest")
     pipeline = Pipeline(tmp)
     pipeline.create_topics()
-    process = IngestProcess(pipeline, CORPS, tmp / "ingest.log").start()
+    process = IngestProcess(pipeline, CORPS, tmp / "ingest.log", suite=SUITE).start()
     yield pipeline, process
     process.stop()
     log = (tmp / "ingest.log").read_text()
@@ -152,3 +155,39 @@ def test_arbitrary_bodies_get_a_4xx_and_never_break_the_server(ingest, body, cor
     assert 400 <= status < 500
     assert process.process.poll() is None
     assert total(process.metrics(), "tagstream_wecom_callbacks_total", outcome="accepted") == accepted
+
+
+def test_the_suite_command_url_verifies_answers_success_and_seals_credentials(ingest):
+    """Provider mode's command URL (docs/provider.md): URL verification with the suite's key
+    and id; a command answered `success` after it is written, keyed by the suite and
+    InfoType, its ticket sealed; a command for another suite, or signed for a corp, refused."""
+    pipeline, process = ingest
+    suite_id, crypto = SUITE[0], CallbackCrypto(SUITE[1], SUITE[2])
+    now = int(time.time())
+
+    async def call(method: str, suite: str, params: dict, body: bytes = b"") -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.request(method, f"{process.base_url}/wecom/suite/{suite}", params=params,
+                                       data=body) as response:
+                return response.status, await response.text()
+
+    echo = crypto.encrypt(b"4242424242", suite_id)
+    nonce = "8127"
+    verify = {"msg_signature": crypto.sign(str(now), nonce, echo), "timestamp": str(now), "nonce": nonce,
+              "echostr": echo}
+    assert asyncio.run(call("GET", suite_id, verify)) == (200, "4242424242")
+    assert asyncio.run(call("GET", "wwnosuchsuite", verify))[0] == 404
+
+    before = len(read_callbacks(pipeline, 0, settle=0.5))
+    ticket = {"SuiteId": suite_id, "InfoType": "suite_ticket", "TimeStamp": now, "SuiteTicket": "tkt-in-clear-0001"}
+    signed = sign_callback(crypto, suite_id, ticket)
+    assert asyncio.run(call("POST", suite_id, signed.params, signed.body)) == (200, "success")
+    other = sign_callback(crypto, suite_id, {**ticket, "SuiteId": "wwanothersuite"})
+    assert asyncio.run(call("POST", suite_id, other.params, other.body)) == (403, "wrong_receive_id")
+    for_a_corp = sign_callback(crypto, suite_id, ticket, receive_id=A)
+    assert asyncio.run(call("POST", suite_id, for_a_corp.params, for_a_corp.body)) == (403, "wrong_receive_id")
+    records = read_callbacks(pipeline, before + 1, settle=2.0)
+    assert len(records) == before + 1
+    [written] = [r for r in records if r["key"] == f"{suite_id}/suite_ticket"]
+    assert written["corp_id"] == suite_id
+    assert written["fields"]["SuiteTicket"] != "tkt-in-clear-0001" and "tkt-in-clear" not in str(written)

@@ -175,3 +175,13 @@ def test_a_missing_or_malformed_vault_key_is_a_one_line_error():
     with pytest.raises(ConfigError, match="not a Fernet key"):
         Vault.from_settings(settings, environ={"TAGSTREAM_WECOM_VAULT_KEY": "too-short"})
     assert Vault.from_settings(settings, environ={"TAGSTREAM_WECOM_VAULT_KEY": Fernet.generate_key().decode()})
+
+
+def test_a_cancelled_corp_is_remembered_only_by_the_hash_of_its_id():
+    book = AuthBook(Vault(Fernet.generate_key()))
+    book.record(Authorisation(CORP, ACTIVE, "PERMANENT-CODE-123", "1000002", 1))
+    records = book.record_cancel(CORP, 2)
+    assert records[0] == (f"corp:{CORP}", None)
+    assert book.status(CORP) == "cancelled" and book.get(CORP) is None and book.corp_ids() == []
+    assert not [k for k in book.values if CORP in k] and not [v for v in book.values.values() if CORP.encode() in v]
+    assert book.record_uncancel(CORP) and book.status(CORP) is None and book.record_uncancel(CORP) == []
