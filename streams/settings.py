@@ -200,16 +200,7 @@ class Settings:
         read here and handed to the clients only; it is not a field, so it is never in
         `to_environ`, `tagstream settings` or a log line."""
         if self.sasl_password_file:
-            try:
-                with open(self.sasl_password_file, encoding="utf-8") as f:
-                    password = f.read().strip()
-            except OSError as exc:
-                raise ConfigError(f"TAGSTREAM_SASL_PASSWORD_FILE={self.sasl_password_file!r}: cannot read it "
-                                  f"({exc.strerror}); point it at a readable file") from None
-            if not password:
-                raise ConfigError(f"TAGSTREAM_SASL_PASSWORD_FILE={self.sasl_password_file!r} is empty; "
-                                  f"write the password into it")
-            return password
+            return read_secret_file("TAGSTREAM_SASL_PASSWORD_FILE", self.sasl_password_file, "the password")
         password = os.environ.get("TAGSTREAM_SASL_PASSWORD", "")
         if not password:
             raise ConfigError(f"{self.security_protocol} needs a password: set TAGSTREAM_SASL_PASSWORD_FILE "
@@ -257,3 +248,16 @@ def _convert(f: dataclasses.Field, raw: str, source: str) -> Any:
         example = format_duration(f.default) if kind == "duration" else f.default
         what = "a duration like 30m, 7d or 500ms" if kind == "duration" else "an integer"
         raise ConfigError(f"{source}={raw!r}: expected {what}, e.g. {source}={example}") from None
+
+
+def read_secret_file(setting: str, path: str, what: str) -> str:
+    """A secret from the file a `*_FILE` setting names; a one-line ConfigError if unreadable
+    or empty (the message names the setting and the path, never the content)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{setting}={path!r}: cannot read it ({exc.strerror}); point it at a readable file") from None
+    if not value:
+        raise ConfigError(f"{setting}={path!r} is empty; write {what} into it")
+    return value

@@ -56,7 +56,7 @@ from typing import Mapping, MutableMapping, Optional
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
-from streams.settings import ConfigError, Settings
+from streams.settings import ConfigError, Settings, read_secret_file
 
 TICKET_KEY = "suite_ticket"
 CORP_PREFIX = "corp:"
@@ -90,12 +90,7 @@ class Vault:
         environ = os.environ if environ is None else environ
         path = settings.wecom_vault_key_file
         if path:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    key = f.read().strip()
-            except OSError as exc:
-                raise ConfigError(f"TAGSTREAM_WECOM_VAULT_KEY_FILE={path!r}: cannot read it ({exc.strerror}); "
-                                  "point it at a readable file") from None
+            key = read_secret_file("TAGSTREAM_WECOM_VAULT_KEY_FILE", path, "a Fernet key")
         else:
             key = environ.get("TAGSTREAM_WECOM_VAULT_KEY", "")
         if not key:

@@ -26,6 +26,16 @@ from aiohttp import web
 CORP_TAG, PERSONAL_TAG, RULE_TAG = 1, 2, 3
 
 
+class SettableClock:
+    """A clock a test moves (`now`), for the fake and the client alike."""
+
+    def __init__(self, now: float = 1_790_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Tag:
     tag_id: str

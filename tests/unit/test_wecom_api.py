@@ -11,17 +11,9 @@ from streams.settings import Settings
 from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Corp
 from streams.wecom.crypto import CallbackCrypto
-from tests.fake_wecom.api import FakeWeComApi, Staff
+from tests.fake_wecom.api import FakeWeComApi, SettableClock as Clock, Staff
 
 CORP = "wwapitest00000001"
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1_790_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @contextlib.asynccontextmanager

@@ -16,19 +16,11 @@ from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Suite
 from streams.wecom.crypto import CallbackCrypto
 from streams.wecom.provider import ACTIVE, INACTIVE, Authorisation, AuthBook, Vault, agent_id_of
-from tests.fake_wecom.api import FakeWeComApi, Staff
+from tests.fake_wecom.api import FakeWeComApi, SettableClock as Clock, Staff
 from tests.fake_wecom.provider import FakeProvider
 
 SUITE_ID, SUITE_SECRET = "wwsuitetest0001", "the-suite-secret"
 CORP = "wwprovidedcorp01"
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1_790_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def world():
