@@ -6,10 +6,6 @@ assignment its fetcher has a fetch in flight, which the broker holds for `fetch_
 after it: asked after `assign`, `end_offsets` took 0.50 s on an idle topic, and 0.10 s
 before it (issue 20; the enrichment restored four partitions in 2 s at every start).
 
-The worker's state store (streams/state/store.py) still asks after it assigns: its restore
-reads a changelog that a killed worker's open transaction may still be writing, and moving
-its end earlier came in the same change as a failed crash test in CI; it was reverted
-until that is understood.
 """
 from __future__ import annotations
 

@@ -263,6 +263,9 @@ class ChangeloggedStore:
         read: dict[int, int] = {}
         try:
             tps = {TopicPartition(self.changelog_topic, p): p for p in partitions}
+            # Ends before the assignment: once assigned, a ListOffsets waits behind the fetch
+            # the broker holds for fetch_max_wait (500 ms; streams/kafka/reads.py)
+            ends = await consumer.end_offsets(list(tps))
             consumer.assign(list(tps))
             # Seek before the next await: the fetcher starts resetting positions as soon as it
             # runs (to the earliest offset, which is right for a partition never restored).
@@ -270,7 +273,6 @@ class ChangeloggedStore:
                 stored = self.changelog_offset(partition)
                 if stored is not None:
                     consumer.seek(tp, stored + 1)
-            ends = await consumer.end_offsets(list(tps))
             pending = {}
             for tp, partition in tps.items():
                 if await consumer.position(tp) < ends[tp]:
