@@ -22,9 +22,11 @@ class CompactedReplica:
     tag-to-report p50 of 3.5-4 s in docs/ingest.md before this). Callers that arrive while a
     request is in flight share the next one, so a batch of adds sends one or two requests."""
 
-    def __init__(self, settings: Settings, topic: str, client_id: str = "tagstream-replica"):
+    def __init__(self, settings: Settings, topic: str, client_id: str = "tagstream-replica",
+                 values: Optional[dict] = None):
+        """`values`: the mapping to fill (one a reader such as `AuthBook` already holds)."""
         self.settings, self.topic, self.client_id = settings, topic, client_id
-        self.values: dict[str, bytes] = {}
+        self.values: dict[str, bytes] = {} if values is None else values
         self.consumer: Optional[AIOKafkaConsumer] = None
         self.prober: Optional[AIOKafkaConsumer] = None
         self.task: Optional[asyncio.Task] = None

@@ -152,8 +152,7 @@ class Enrichment:
         self.auth_replica: Optional[CompactedReplica] = None
         self.auth_producer: Optional[AIOKafkaProducer] = None
         if self.auth is not None:
-            self.auth_replica = CompactedReplica(settings, self.auth_topic, "tagstream-enrich-auth")
-            self.auth_replica.values = self.auth.values
+            self.auth_replica = CompactedReplica(settings, self.auth_topic, "tagstream-enrich-auth", self.auth.values)
             self.rules = CompactedReplica(settings, settings.topic("tag_mappings_topic"), "tagstream-enrich-rules")
         self.erasures_topic = settings.topic("wecom_erasures_topic")
         self.erased_as_of: dict[int, frozenset] = {}    # partition -> the cancelled corps its snapshots are rid of

@@ -14,6 +14,7 @@ errcode in `calls`.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import secrets
 import time
@@ -299,3 +300,16 @@ class Staff:
         corp.catalogue = {**corp.catalogue, tag_id: Tag(tag_id, old.name, old.group_id, old.group_name, deleted=True)}
         return {"ToUserName": corp_id, "FromUserName": "sys", "CreateTime": int(self.clock()), "MsgType": "event",
                 "Event": "change_external_tag", "Id": tag_id, "TagType": "tag", "ChangeType": "delete"}
+
+
+@contextlib.asynccontextmanager
+async def api_base_of(fake: FakeWeComApi):
+    """The fake's API on a free local port, for in-process tests: its base URL."""
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/cgi-bin/"
+    finally:
+        await runner.cleanup()

@@ -5,31 +5,23 @@ import asyncio
 import contextlib
 
 import pytest
-from aiohttp import web
 
 from streams.settings import Settings
 from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Corp
 from streams.wecom.crypto import CallbackCrypto
-from tests.fake_wecom.api import FakeWeComApi, SettableClock as Clock, Staff
+from tests.fake_wecom.api import FakeWeComApi, SettableClock as Clock, Staff, api_base_of
 
 CORP = "wwapitest00000001"
 
 
 @contextlib.asynccontextmanager
 async def fake_and_client(fake: FakeWeComApi, **client_args):
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    settings = Settings.load({"wecom_api_base": f"http://127.0.0.1:{port}/cgi-bin/"}, environ={})
-    corps = {CORP: Corp(CORP, "wxapp", CallbackCrypto("t", "a" * 43), "the-secret")}
-    try:
+    async with api_base_of(fake) as base:
+        settings = Settings.load({"wecom_api_base": base}, environ={})
+        corps = {CORP: Corp(CORP, "wxapp", CallbackCrypto("t", "a" * 43), "the-secret")}
         async with WeComClient(settings, corps, backoff_base_s=0.001, backoff_cap_s=0.01, **client_args) as client:
             yield client
-    finally:
-        await runner.cleanup()
 
 
 def world(page_size: int = 500, clock=None) -> tuple[FakeWeComApi, Staff]:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 
 import pytest
-from aiohttp import web
 from cryptography.fernet import Fernet
 
 from streams.settings import ConfigError, Settings
@@ -16,7 +15,7 @@ from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Suite
 from streams.wecom.crypto import CallbackCrypto
 from streams.wecom.provider import ACTIVE, INACTIVE, Authorisation, AuthBook, Vault, agent_id_of
-from tests.fake_wecom.api import FakeWeComApi, SettableClock as Clock, Staff
+from tests.fake_wecom.api import FakeWeComApi, SettableClock as Clock, Staff, api_base_of
 from tests.fake_wecom.provider import FakeProvider
 
 SUITE_ID, SUITE_SECRET = "wwsuitetest0001", "the-suite-secret"
@@ -33,20 +32,13 @@ def world():
 
 @contextlib.asynccontextmanager
 async def client_of(fake: FakeWeComApi, book: AuthBook, clock: Clock, refused: list):
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    settings = Settings.load({"wecom_api_base": f"http://127.0.0.1:{port}/cgi-bin/"}, environ={})
-    suite = Suite(SUITE_ID, "wxsuite", CallbackCrypto("t", "a" * 43), SUITE_SECRET)
-    try:
+    async with api_base_of(fake) as base:
+        settings = Settings.load({"wecom_api_base": base}, environ={})
+        suite = Suite(SUITE_ID, "wxsuite", CallbackCrypto("t", "a" * 43), SUITE_SECRET)
         async with WeComClient(settings, {}, suite=suite, auth=book, on_code_refused=refused.append,
                                retry_budget_s=0.5, backoff_base_s=0.001, backoff_cap_s=0.01,
                                wall_clock=clock) as client:
             yield client
-    finally:
-        await runner.cleanup()
 
 
 async def authorise(client: WeComClient, provider: FakeProvider, book: AuthBook, clock: Clock) -> None:
