@@ -32,10 +32,19 @@ partition's committable offset back; a crash or rebalance re-delivers it.
   minute, stored in sorted chunks `h:partition:bucket:id` -> [(deadline, customer, type)]
   of at most 512 entries (streams/state/hold_buckets.py)
 - `o:topic:partition`         -> offset of the last input record applied
+- `z:partition`               -> the corps erased from the partition: {sha256 of the corp id:
+  the erasure request's time} (streams/core/erasure.py)
 
 The `o:` marker makes application exactly-once per input record: it is committed with the
 state it covers, and a record at or below it is skipped when Kafka re-delivers it after a
 crash. Event-id dedupe (SPEC rule 1) then only has to catch real duplicates from upstream.
+
+**Erasure** (issue 21). The agent follows the erasure requests (`ErasureRequests`). From the
+moment it knows of one, it refuses the corp's records (counted as `erased`, neither applied
+nor dead-lettered), and at its next tick it erases the corp from each assigned partition:
+commit what is open, delete the corp's keys (`streams.core.erasure.erase_partition_state`),
+drop its holds, record the request in `z:`, audit it, commit, and compact the partition's
+database so the deleted values leave its files.
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ import asyncio
 import gc
 import logging
 import time
+from functools import partial
 from collections import Counter
 from typing import Any, Mapping, Optional, Union
 
@@ -56,7 +66,9 @@ from schemas.validation import Rejection, decode_contact_event, decode_event_rec
 from streams.observability import metrics
 from streams.observability.hot_keys import HotKeys
 from streams.state.failpoints import failpoint
+from streams.core.erasure import audit_record, corp_hash, erase_partition_state
 from streams.core.merge import ASKED, CoPartitionMerge
+from streams.kafka.replica import ErasureRequests
 from streams.core.semantics import (
     CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, SeenEntry, StepResult)
 from streams.state.hold_buckets import ChunkedBucket
@@ -250,12 +262,14 @@ class CustomerEvents:
     """The agent over tag-events + contact-events, and the timer for waiting work."""
 
     def __init__(self, app, *, store: ChangeloggedStore, connection: Mapping[str, Any],
-                 replica: RuleReplica, policy: ReportingPolicy,
+                 replica: RuleReplica, erasures: ErasureRequests, policy: ReportingPolicy,
                  tag_events_topic: str, contact_events_topic: str, merge_wait_ms: int,
                  conversion_reports_topic: str, unreportable_topic: str, dead_letters_topic: str,
                  max_future_skew_ms: int = 3_600_000, batch_max: int = 500, batch_linger_ms: int = 50):
         self.app = app
         self.replica = replica
+        self.erasures = erasures
+        self.erasure_checked: dict[int, int] = {}    # partition -> the erasures' version it is rid of
         self.store = store
         self.connection = connection        # streams.kafka.connection.client_kwargs
         self.producer: Optional[AIOKafkaProducer] = None     # created on the worker's loop
@@ -315,6 +329,7 @@ class CustomerEvents:
             await self._ready()
             arrived = _monotonic_ms()
             offer, skew, count_key = self.merge.offer, self.max_future_skew_ms, self.hot_keys.add
+            erased = self.erasures.erased_bytes
             for tp, batch in records.items():
                 topic, partition = tp.topic, tp.partition
                 decode = self.decoders[topic]
@@ -327,6 +342,9 @@ class CustomerEvents:
                     seen = offset
                     if applied is not None and offset <= applied:
                         self.outcomes[(topic, "redelivered")] += 1
+                        continue
+                    if erased and record.key.split(b":", 1)[0] in erased:
+                        self.outcomes[(topic, "erased")] += 1     # a corp that left: not kept anywhere
                         continue
                     count_key(partition, record.key)
                     decoded = decode_event_record(decode, record.key, record.value, record.timestamp, skew)
@@ -369,7 +387,7 @@ class CustomerEvents:
         """Timer: apply events that waited `merge_wait` for the other topic, release holds of
         idle partitions once wall-clock time is `idle_grace` past their deadline, and commit
         what is left of the batch."""
-        if not self.replica.ready.is_set():
+        if not (self.replica.ready.is_set() and self.erasures.ready.is_set()):
             return
         async with self.lock:
             if self.stopping:
@@ -378,6 +396,7 @@ class CustomerEvents:
             for partition in self.merge.waiting_partitions():
                 await self._release(partition)
             self._balance_fetching()
+            await self._erase_requested()
             wall = _now_ms()
             for partition in self._assigned_partitions():
                 if self._idle(partition):
@@ -417,6 +436,7 @@ class CustomerEvents:
                 self.applied.pop(tp, None)
                 self.committable.pop(tp, None)
                 self.merge.forget(tp.partition)      # never committed: the new owner reads them again
+                self.erasure_checked.pop(tp.partition, None)
                 self.state.forget(tp.partition)
                 if tp.partition in self.restored and tp.topic == self.tag_events_topic:
                     self.restored.discard(tp.partition)
@@ -464,7 +484,13 @@ class CustomerEvents:
         self.state.partition = partition
         on_event, mark_applied, outcomes = self.engine.on_event, self.state.mark_applied, self.outcomes
         now_ms = _now_ms()
+        erased = self.erasures.erased
         for tp, offset, decoded in released:
+            if erased and decoded.corp_id in erased:      # its erasure was asked while it waited
+                mark_applied(tp, offset)
+                self.applied[tp] = offset
+                outcomes[(tp.topic, "erased")] += 1
+                continue
             result = on_event(partition, decoded, now_ms)
             mark_applied(tp, offset)
             self.applied[tp] = offset
@@ -474,6 +500,44 @@ class CustomerEvents:
                 await self._send(result, now_ms)
             if self._batch_at_limit():
                 await self._commit()          # each partition's commit stays one record batch
+
+    async def _erase_requested(self) -> None:
+        """Erase the corps whose erasure was requested from each assigned partition that is
+        not rid of them yet (module docstring). The `z:` marker makes it once per request,
+        restarts included."""
+        version = self.erasures.version
+        todo = [p for p in self._assigned_partitions() if p in self.restored and self.erasure_checked.get(p) != version]
+        requested = dict(self.erasures.erased)
+        for partition in todo:
+            marker_key = b"z:%d" % partition
+            stored = self.store.get(partition, marker_key)
+            done = orjson.loads(stored) if stored is not None else {}
+            corps = {corp for corp, at in requested.items() if done.get(corp_hash(corp)) != at}
+            if corps:
+                started = time.monotonic()
+                await self._flush()           # the store then holds the whole state: scan it
+                erasure = erase_partition_state(partial(self.store.scan, partition), partition, corps)
+                for key, value in erasure.writes:
+                    self.store.stage(partition, key, value)
+                clock = self.state.clock(partition)
+                clock.held -= erasure.holds_dropped
+                self.state.put_clock(partition, clock)
+                done.update({corp_hash(corp): at for corp, at in requested.items()})
+                self.store.stage(partition, marker_key, orjson.dumps(done))
+                now = _now_ms()
+                for corp in sorted(corps):
+                    self.deliveries.append(await self.producer.send(
+                        self.erasures.topic, key=corp.encode(), value=audit_record(
+                            corp, now, "worker", self.store.changelog_topic, partition, erasure.keys[corp])))
+                await self._flush()
+                self.store.compact(partition)
+                metrics.ERASURES.labels("worker").inc(len(corps))
+                log.info("erased %d corps from partition %d: %d keys, %d holds dropped, in %.2f s", len(corps),
+                         partition, sum(erasure.keys.values()), erasure.holds_dropped, time.monotonic() - started)
+            self.erasure_checked[partition] = version
+        if all(self.erasure_checked.get(p) == version for p in self._assigned_partitions()):
+            self.erasures.applied(version)
+        self.erasures.check_deadline("worker")
 
     async def _send(self, result: StepResult, now_ms: int) -> None:
         """Send a step's reports now (real-time reports are not held back by the batch);

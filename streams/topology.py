@@ -9,6 +9,8 @@
                                              ├──▶ conversion-reports
                                              ├──▶ unreportable
     bad input (any source) ──────────────────┴──▶ dead-letters
+    wecom-erasures ──▶ ErasureRequests (every worker) ──▶ a corp's records refused, its keys
+                                                          erased from [reporting_state]
 
 `tagstream topology` prints this with the real topic names. All records are raw bytes at
 the Faust layer (`raw` codecs everywhere) and are encoded and decoded with orjson by
@@ -36,6 +38,8 @@ from agents.health import WorkerHealth, faust_table_keys
 from agents.rules import RuleReplica, fold_rule_versions
 from streams.kafka import faust_consumer
 from streams.kafka.connection import client_kwargs, faust_kwargs, idempotent_faust_producer
+from streams.kafka.replica import ErasureRequests
+from streams.observability import metrics
 from streams.observability.lag import monitored_groups, run_in_thread as run_lag_monitor
 from streams.core.semantics import ReportingPolicy
 from streams.settings import Settings
@@ -66,6 +70,7 @@ class Topology:
         lines += [
             f"  fold_rule_versions     {self.sources['tag_mappings']} -> rule_versions",
             "  RuleReplica            rule_versions changelog (all partitions, no group) -> rule book",
+            f"  ErasureRequests        {self.sources['erasures']} (all partitions, no group) -> corps refused and erased",
             f"  apply_customer_events  {self.sources['tag_events']} + {self.sources['contact_events']}"
             f" (fetched batches, merged by ts) -> reporting_state,"
             f" {self.sinks['conversion_reports']}, {self.sinks['unreportable']}",
@@ -122,10 +127,14 @@ def build_topology(settings: Settings) -> Topology:
     replica = RuleReplica(connection, rule_versions.changelog_topic.get_topic_name(), s.partitions,
                           rules_topic=names["tag_mappings"], group_id=s.app_id)
     app.task(replica.run)
+    # erasure requests of corps that left (streams/core/erasure.py), followed from the start
+    erasures = ErasureRequests(s, "tagstream-worker-erasures")
+    app.task(erasures.follow)
+    metrics.ERASURE_PENDING.labels("worker").set_function(erasures.pending_seconds)
     app.agent(tag_mappings, name="fold_rule_versions")(
         fold_rule_versions(rule_versions, app.topic(names["dead_letters"], **RAW)))
     per_customer = CustomerEvents(
-        app, store=reporting_state, connection=connection, replica=replica,
+        app, store=reporting_state, connection=connection, replica=replica, erasures=erasures,
         policy=ReportingPolicy.from_settings(s),
         tag_events_topic=names["tag_events"], contact_events_topic=names["contact_events"],
         merge_wait_ms=s.merge_wait, max_future_skew_ms=s.max_future_skew,
@@ -135,7 +144,7 @@ def build_topology(settings: Settings) -> Topology:
     # apply_customer_events: the consumer hands it whole fetched batches of both event topics
     app.topics.add(customer_events)
     faust_consumer.install(app, batch_topics=customer_events.topics, batch_handler=per_customer.on_records,
-                           batch_ready=replica.ready.is_set, committable=per_customer.committable)
+                           batch_ready=lambda: replica.ready.is_set() and erasures.ready.is_set(), committable=per_customer.committable)
     app.timer(max(s.merge_wait, 20) / 2000)(per_customer.tick)
 
     @app.on_partitions_revoked.connect
@@ -160,7 +169,8 @@ def build_topology(settings: Settings) -> Topology:
 
     return Topology(
         app=app, settings=s, replica=replica,
-        sources={k: names[k] for k in ("tag_mappings", "tag_events", "contact_events")},
+        sources={**{k: names[k] for k in ("tag_mappings", "tag_events", "contact_events")},
+                 "erasures": erasures.topic},
         tables={"rule_versions": rule_versions.changelog_topic.get_topic_name(),
                 REPORTING_STATE: reporting_state.changelog_topic},
         sinks={k: names[k] for k in ("conversion_reports", "unreportable", "dead_letters")},

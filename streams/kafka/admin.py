@@ -37,6 +37,8 @@ def topic_configs(name: str, settings: Settings) -> dict[str, str]:
     """The configs a topic of tagstream's is created with (min.insync.replicas included)."""
     if name in COMPACTED:
         return connection.topic_configs(settings, **{"cleanup.policy": "compact"})
+    if name == "wecom_erasures_topic":            # the audit, and what keeps a corp that left refused
+        return connection.topic_configs(settings, **{"retention.ms": "-1"})
     if name in EVENT_TOPICS:
         return connection.topic_configs(settings, **{"message.timestamp.after.max.ms": str(settings.max_future_skew)})
     return connection.topic_configs(settings)

@@ -1,16 +1,21 @@
 """A compacted topic followed into memory: the enrichment's click ids and tag catalogue, and
-the provider's authorisations (streams/wecom/provider.py)."""
+the provider's authorisations (streams/wecom/provider.py); and the erasure requests every
+component follows (`ErasureRequests`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Optional
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from streams.core.erasure import fold_requests
 from streams.kafka import connection
 from streams.kafka.admin import topic_partitions
 from streams.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class CompactedReplica:
@@ -50,11 +55,13 @@ class CompactedReplica:
         while True:
             for records in (await self.consumer.getmany(timeout_ms=200)).values():
                 for record in records:
-                    key = record.key.decode()
-                    if record.value is None:
-                        self.values.pop(key, None)
-                    else:
-                        self.values[key] = record.value
+                    self.apply(record.key.decode(), record.value)
+
+    def apply(self, key: str, value: Optional[bytes]) -> None:
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = value
 
     async def end_offsets(self) -> dict[TopicPartition, int]:
         """The topic's end offsets from a request sent after this call began (one in flight
@@ -89,3 +96,51 @@ class CompactedReplica:
         for client in (self.consumer, self.prober):
             if client:
                 await client.stop()
+
+
+class ErasureRequests(CompactedReplica):
+    """The erasures topic followed from its start: `erased` holds each corp whose erasure was
+    requested (and not reinstated since), with the request's time (streams/core/erasure.py).
+    `version` counts the changes, so a component can tell when to look again."""
+
+    def __init__(self, settings: Settings, client_id: str):
+        super().__init__(settings, settings.topic("wecom_erasures_topic"), client_id)
+        self.erased: dict[str, int] = {}
+        self.erased_bytes: frozenset = frozenset()     # the same corps as bytes, for record keys
+        self.version = 0
+        self.unapplied: dict[str, int] = {}     # requests learned since the component last applied all
+        self.ready = asyncio.Event()
+        self.deadline_s = settings.erasure_deadline / 1000
+        self.overdue_logged_at = 0.0
+
+    async def follow(self, timeout_s: float = 60.0) -> None:
+        """Start, and set `ready` once every request written before is known (a component
+        must not take a record of an erased corp for one of a live corp)."""
+        await self.start()
+        if not await self.caught_up(timeout_s):
+            raise RuntimeError(f"the erasures topic {self.topic} could not be read to its end in {timeout_s:.0f} s")
+        self.ready.set()
+
+    def apply(self, key: str, value: Optional[bytes]) -> None:
+        if fold_requests(self.erased, value):
+            self.erased_bytes = frozenset(corp.encode() for corp in self.erased)
+            self.version += 1
+            self.unapplied.update({corp: at for corp, at in self.erased.items() if corp == key})
+
+    def applied(self, version: int) -> None:
+        """The component has applied every request up to `version`."""
+        if version == self.version:
+            self.unapplied.clear()
+
+    def pending_seconds(self) -> float:
+        """Age of the oldest request learned and not applied yet (by the request's time)."""
+        times = list(self.unapplied.values())      # also read from the metrics server's thread
+        return max(0.0, time.time() - min(times) / 1000) if times else 0.0
+
+    def check_deadline(self, component: str) -> None:
+        """Log an error (once a minute) while a request is older than `erasure_deadline`."""
+        pending = self.pending_seconds()
+        if pending > self.deadline_s and time.monotonic() - self.overdue_logged_at > 60:
+            self.overdue_logged_at = time.monotonic()
+            log.error("%s: the erasure of %d corps is overdue: requested %.0f s ago, erasure_deadline is %.0f s",
+                      component, len(self.unapplied), pending, self.deadline_s)

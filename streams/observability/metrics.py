@@ -269,6 +269,16 @@ WECOM_TAG_EVENTS = Counter(
     "tagstream_wecom_tag_events_total",
     "Tag events the enrichment derived from snapshot diffs (an aborted transaction's are counted "
     "again when they are redone)")
+ERASURES = Counter(
+    "tagstream_erasures_total",
+    "Erasures of a corp that left, by component: one per corp and state partition (worker), record "
+    "partition (sink) or snapshot partition (enrich)",
+    ["component"])
+ERASURE_PENDING = Gauge(
+    "tagstream_erasure_pending_seconds",
+    "Age of the oldest erasure request this component has not applied yet (0: none); "
+    "TagstreamErasureOverdue fires past erasure_deadline",
+    ["component"])
 
 
 WECOM_TAG_REQUESTS = Counter(

@@ -47,7 +47,7 @@ import logging
 from collections import deque
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, MutableMapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -157,6 +157,27 @@ class ChangeloggedStore:
     def changelog_offset(self, partition: int) -> Optional[int]:
         stored = self._db(partition).get(OFFSET_KEY)
         return int(stored) if stored is not None else None
+
+    def scan(self, partition: int, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The stored (key, value) pairs of `partition` whose key starts with `prefix`, in key
+        order. Only what is durable: call it with nothing staged or in flight (an erasure does,
+        agents/customers.py)."""
+        assert not self.staged.get(partition) and not self.in_flight, "scan with writes pending"
+        it = self._db(partition).iter()
+        it.seek(prefix)
+        while it.valid():
+            key = it.key()
+            if not key.startswith(prefix):
+                break
+            yield key, it.value()
+            it.next()
+
+    def compact(self, partition: int) -> None:
+        """Flush and compact `partition`'s database, so deleted values leave its files too
+        (after an erasure)."""
+        db = self._db(partition)
+        db.flush()
+        db.compact_range(None, None)
 
     def estimate_keys(self, partition: int) -> Optional[int]:
         db = self.dbs.get(partition)

@@ -63,8 +63,8 @@ from streams.settings import Settings
 from streams.state.failpoints import failpoint
 from streams.wecom.api import CODE_REFUSED, RETRY_BUDGET_S, WeComClient, WeComError, WeComUnavailable
 from streams.wecom.corps import Corp
-from streams.wecom.provider import (ACTIVE, CANCELLED, COMMANDS, INACTIVE, Authorisation, agent_id_of, corp_hash,
-                                   open_command)
+from streams.core.erasure import audit_record, corp_hash, reinstated_record, request_record
+from streams.wecom.provider import ACTIVE, CANCELLED, COMMANDS, INACTIVE, Authorisation, agent_id_of, open_command
 from streams.wecom.enrichment import (ADDS, DELETES, Snapshot, contact_event, corp_tags, diff_tags,
                                       follow_user_of, snapshot_key)
 from streams.wecom.messages import Callback
@@ -434,6 +434,8 @@ class Enrichment:
                 for key, value in self.auth.record_cancel(current.corp_id, at):
                     out.add(self.auth_topic, key, value)
                 self.client.tokens.pop(current.corp_id, None)
+                # every component that keeps the corp's data follows this (streams/core/erasure.py)
+                out.add(self.erasures_topic, current.corp_id, request_record(current.corp_id, at))
                 self._erase_shared(current.corp_id, out)
                 log.info("enrich: corp %s cancelled its authorisation; its callbacks are refused from now on, "
                          "and its data erased", current.corp_id)
@@ -457,6 +459,7 @@ class Enrichment:
                                       code_hash=code_hash)
         for cancel_key, tombstone in self.auth.record_uncancel(corp_id):    # it had cancelled before
             out.add(self.auth_topic, cancel_key, tombstone)
+            out.add(self.erasures_topic, corp_id, reinstated_record(corp_id, at))
         await (await self.auth_producer.send(self.auth_topic, key=key.encode(), value=value))
         metrics.WECOM_PERMANENT_CODE_UNSAVED.observe(time.perf_counter() - answered)
         failpoint("permanent-code-saved")
@@ -501,9 +504,8 @@ class Enrichment:
 
     def _audit(self, out: _Outputs, corp_id: str, topic: str, partition: Optional[int], keys: int) -> None:
         """An erasure's audit record: the corp, when, where and how many keys; no personal data."""
-        out.add(self.erasures_topic, corp_id, orjson.dumps({
-            "corp_id": corp_id, "at": int(time.time() * 1000), "component": "enrich", "topic": topic,
-            "partition": partition, "keys_erased": keys}))
+        out.add(self.erasures_topic, corp_id,
+                audit_record(corp_id, int(time.time() * 1000), "enrich", topic, partition, keys))
 
     def _deactivate(self, corp_id: str, out: _Outputs) -> None:
         """WeCom refused the corp's permanent code (40084): inactive until it authorises again."""

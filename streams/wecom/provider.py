@@ -48,7 +48,6 @@ permanent code twice).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, MutableMapping, Optional
@@ -56,6 +55,7 @@ from typing import Mapping, MutableMapping, Optional
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
+from streams.core.erasure import corp_hash
 from streams.settings import ConfigError, Settings, read_secret_file
 
 TICKET_KEY = "suite_ticket"
@@ -198,10 +198,6 @@ class AuthBook:
                               "code_hash": code_hash or self.code_hash(auth.corp_id)})
         self.values[CORP_PREFIX + auth.corp_id] = value
         return CORP_PREFIX + auth.corp_id, value
-
-
-def corp_hash(corp_id: str) -> str:
-    return hashlib.sha256(corp_id.encode()).hexdigest()
 
 
 def agent_id_of(answer: dict) -> str:
