@@ -72,7 +72,7 @@ from streams.kafka.replica import ErasureRequests
 from streams.core.semantics import (
     CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, SeenEntry, StepResult)
 from streams.state.hold_buckets import ChunkedBucket
-from streams.state.store import ChangeloggedStore
+from streams.state.store import JOURNAL_KEY, ChangeloggedStore
 
 log = logging.getLogger(__name__)
 
@@ -524,6 +524,8 @@ class CustomerEvents:
                 self.state.put_clock(partition, clock)
                 done.update({corp_hash(corp): at for corp, at in requested.items()})
                 self.store.stage(partition, marker_key, orjson.dumps(done))
+                # the changelog's journal of an earlier large commit may name the corp: delete it
+                self.store.stage(partition, JOURNAL_KEY, None)
                 now = _now_ms()
                 for corp in sorted(corps):
                     self.deliveries.append(await self.producer.send(

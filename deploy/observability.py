@@ -74,6 +74,9 @@ def prometheus_expr(query: str) -> str:
             .replace("$__rate_interval", "5m"))
 
 
+#: erasure_deadline's default (streams/settings.py), in seconds
+ERASURE_DEADLINE_S = 600
+
 ALERTS = [
     Alert("TagstreamConsumerLagGrowing",
           "sum by (group, topic) (max by (group, topic, partition) "
@@ -121,6 +124,14 @@ ALERTS = [
           "{{ $labels.group }} makes no progress on {{ $labels.topic }}/{{ $labels.partition }}",
           "Records are waiting but the committed offset has not moved for 10 minutes: the worker "
           "owning the partition is stuck or gone, or the group is stuck in a rebalance.", "short"),
+    Alert("TagstreamErasureOverdue",
+          "max by (component) (tagstream_erasure_pending_seconds)",
+          ">", ERASURE_DEADLINE_S, "1m", "critical",
+          "The {{ $labels.component }} has not erased a corp that left for {{ $value | humanizeDuration }}",
+          f"A corp cancelled its authorisation and its erasure is older than the erasure deadline "
+          f"({ERASURE_DEADLINE_S} s, the default of erasure_deadline): WeCom requires its data deleted. "
+          "The component's log names the corps; a worker or sink that cannot read the erasures topic, "
+          "or cannot commit, is the usual cause (docs/provider.md).", "s"),
 ]
 
 

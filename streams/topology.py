@@ -129,7 +129,10 @@ def build_topology(settings: Settings) -> Topology:
     app.task(replica.run)
     # erasure requests of corps that left (streams/core/erasure.py), followed from the start
     erasures = ErasureRequests(s, "tagstream-worker-erasures")
-    app.task(erasures.follow)
+
+    async def follow_erasures() -> None:       # (app.task would pass the app to follow())
+        await erasures.follow()
+    app.task(follow_erasures)
     metrics.ERASURE_PENDING.labels("worker").set_function(erasures.pending_seconds)
     app.agent(tag_mappings, name="fold_rule_versions")(
         fold_rule_versions(rule_versions, app.topic(names["dead_letters"], **RAW)))

@@ -70,6 +70,14 @@ the same order as the worker's own per-customer state. In memory the sink holds 
 ids of the partitions assigned to it. The retry topic holds only what is parked:
 a copy is written once per attempt, one per report and `sink_retry_delay`, and expires
 with the topic's retention.
+
+Erasure of a corp that left (streams/core/erasure.py). Every record write carries the
+SHA-256 of the report's corp id in a header (`tagstream.corp`), since an id is itself a hash.
+The sink follows the erasure requests: from then on it sends nothing of the corp (counted
+`erased`) and writes nothing of it to the record, and before its next round it reads its
+partitions of the record again and tombstones every id last written for the corp, with an
+audit record per partition. A partition loaded later is rid of erased corps as it loads.
+The file and stdout targets keep no record, and erase nothing.
 """
 from __future__ import annotations
 
@@ -79,7 +87,7 @@ import os
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import IO, Optional
 
@@ -90,9 +98,11 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.validation import Rejection, decode_conversion_report
+from streams.core.erasure import audit_record, corp_hash
 from streams.kafka.admin import partition_counts
 from streams.kafka.connection import client_kwargs, producer_kwargs, start_client
 from streams.kafka.reads import read_to_end
+from streams.kafka.replica import ErasureRequests
 from streams.observability import metrics
 from streams.sinks.marketing_api import (
     Batch, MarketingApiClient, Outcome, RateLimiter, classify, pack, token_from_settings)
@@ -196,14 +206,22 @@ async def run_file_sink(settings: Settings, target: str, stop: asyncio.Event) ->
 
 # -- the Marketing API target ------------------------------------------------------------
 
+#: The delivered record's header naming the corp of an id: the SHA-256 of its corp id (an
+#: id is a hash too, so without it a corp that leaves could not be found to be erased).
+CORP_HEADER = "tagstream.corp"
+
+
 class DeliveredRecord:
     """The sink's durable record of delivered ids, for its assigned partitions: per id the
     last state written (acked, sending, failed, or parked with its live retry copy)."""
 
-    def __init__(self, settings: Settings, producer: AIOKafkaProducer):
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, erasures: Optional[ErasureRequests] = None):
         self.settings = settings
         self.topic = settings.topic("delivered_reports_topic")
         self.producer = producer
+        self.erasures = erasures
+        self.erased_version = 0
+        self.write_lock = asyncio.Lock()       # writes wait while an erasure runs
         # per partition number; a partition is loaded iff it is a key of `acked`
         self.acked: dict[int, set[str]] = {}
         self.sending: dict[int, set[str]] = {}
@@ -225,22 +243,29 @@ class DeliveredRecord:
             if missing:
                 await self._load(missing)
 
-    async def _load(self, partitions: list[int]) -> None:
-        """Read the record's partitions from the start to their current end."""
+    async def _read(self, partitions: list[int]) -> dict[int, dict[str, tuple[Optional[bytes], Optional[bytes]]]]:
+        """The record's partitions from the start to their current end: per id, the newest
+        value and the corp header (the hash of its corp id) it was written with."""
         reader = AIOKafkaConsumer(**client_kwargs(self.settings), group_id=None,
                                   enable_auto_commit=False, isolation_level="read_committed")
         await start_client(reader)
-        values: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
+        values: dict[int, dict[str, tuple]] = {p: {} for p in partitions}
 
         def keep(record) -> None:         # the newest state of each order id
-            values[record.partition][record.key.decode()] = record.value
+            corp = next((v for k, v in record.headers or () if k == CORP_HEADER), None)
+            values[record.partition][record.key.decode()] = (record.value, corp)
         try:
             await read_to_end(reader, [TopicPartition(self.topic, p) for p in partitions], keep, max_records=50_000)
         finally:
             await reader.stop()
+        return values
+
+    async def _load(self, partitions: list[int]) -> None:
+        """Read the record's partitions, and erase from them the corps erased meanwhile."""
+        values = await self._read(partitions)
         for p, ids in values.items():
             self.acked[p], self.sending[p], self.parked[p] = set(), set(), {}
-            for oid, value in ids.items():
+            for oid, (value, _) in ids.items():
                 self._apply(p, oid, parse_state(value))
         self._gauge()
         retrying = sum(1 for p in partitions for state in self.parked[p].values() if state.retrying)
@@ -248,6 +273,41 @@ class DeliveredRecord:
         log.info("delivered record: partitions %s loaded, %d ids acknowledged, %d parked, %d in doubt", partitions,
                  sum(len(self.acked[p]) for p in partitions), sum(len(self.parked[p]) for p in partitions),
                  sum(len(self.sending[p]) for p in partitions) + retrying)
+        if self.erasures is not None and self.erasures.erased:
+            async with self.write_lock:
+                await self._erase(values, dict(self.erasures.erased))
+
+    # -- erasure (streams/core/erasure.py) ---------------------------------------------------
+    def erasure_due(self) -> bool:
+        return self.erasures is not None and self.erasures.version != self.erased_version
+
+    async def erase_requested(self) -> None:
+        """Erase the newly requested corps from the loaded partitions: read them again, and
+        tombstone every id whose newest value was written for one of those corps."""
+        version = self.erasures.version
+        async with self.write_lock:
+            partitions = sorted(self.acked)
+            await self._erase(await self._read(partitions) if partitions else {}, dict(self.erasures.erased))
+        self.erased_version = version
+        self.erasures.applied(version)
+
+    async def _erase(self, values: dict, erased: dict[str, int]) -> None:
+        by_hash = {corp_hash(corp).encode(): corp for corp in erased}
+        futures, now = [], int(time.time() * 1000)
+        for p, ids in values.items():
+            doomed = [(oid, by_hash[corp]) for oid, (value, corp) in ids.items()
+                      if value is not None and corp in by_hash]
+            for oid, _ in doomed:
+                futures.append(await self.producer.send(self.topic, key=oid.encode(), value=None, partition=p))
+                self._apply(p, oid, None)
+            for corp, count in Counter(corp for _, corp in doomed).items():
+                futures.append(await self.producer.send(self.erasures.topic, key=corp.encode(), value=audit_record(
+                    corp, now, "sink", self.topic, p, count)))
+                metrics.ERASURES.labels("sink").inc()
+                log.info("delivered record: corp %s: %d ids of partition %d erased", corp, count, p)
+        if futures:
+            await asyncio.gather(*futures)
+        self._gauge()
 
     def state(self, partition: int, outer_action_id: str) -> State:
         # A partition whose record did not load raises (KeyError) rather than answer
@@ -259,16 +319,22 @@ class DeliveredRecord:
             return parked
         return SENDING if outer_action_id in self.sending[partition] else None
 
-    async def write(self, entries: list[tuple[int, str, State]]) -> None:
-        """Write each (partition, id, state) and wait until the broker has them all."""
-        futures = [await self.producer.send(self.topic, key=oid.encode(), partition=p,
-                                            value=state.value() if isinstance(state, Parked) else state)
-                   for p, oid, state in entries]
-        if futures:
-            await asyncio.gather(*futures)
-        for p, oid, state in entries:
-            self._apply(p, oid, state)
-        self._gauge()
+    async def write(self, entries: list[tuple[int, str, State, str]]) -> None:
+        """Write each (partition, id, state, corp id) and wait until the broker has them all.
+        A record carries the hash of its corp id in a header, so a corp that leaves can be
+        erased; an entry of a corp erased meanwhile is not written."""
+        async with self.write_lock:
+            erased = self.erasures.erased if self.erasures is not None else {}
+            entries = [entry for entry in entries if entry[3] not in erased]
+            futures = [await self.producer.send(self.topic, key=oid.encode(), partition=p,
+                                                value=state.value() if isinstance(state, Parked) else state,
+                                                headers=[(CORP_HEADER, corp_hash(corp).encode())])
+                       for p, oid, state, corp in entries]
+            if futures:
+                await asyncio.gather(*futures)
+            for p, oid, state, _ in entries:
+                self._apply(p, oid, state)
+            self._gauge()
 
     def _apply(self, partition: int, oid: str, state: State) -> None:
         if partition not in self.acked:       # not (or no longer) assigned here
@@ -310,6 +376,10 @@ class Pending:
     @property
     def oid(self) -> str:
         return self.report["outer_action_id"]
+
+    @property
+    def corp_id(self) -> str:
+        return self.report["corp_id"]
 
 
 @dataclass
@@ -385,6 +455,10 @@ class ApiSink:
             if not tps:                   # getmany() with no partitions would return the retry topic's
                 await asyncio.sleep(0.05)
                 continue
+            if self.record.erasure_due():
+                await self.record.erase_requested()
+            if self.record.erasures is not None:
+                self.record.erasures.check_deadline("sink")
             batches = await consumer.getmany(*tps, timeout_ms=s.sink_linger, max_records=s.sink_round)
             if not batches:
                 continue
@@ -400,7 +474,11 @@ class ApiSink:
             self.totals["invalid"] += len(invalid)
             todo: list[Pending] = []
             seen: set[str] = set()
+            erased = self.record.erasures.erased if self.record.erasures is not None else {}
             for tp, record, report in reports:
+                if report["corp_id"] in erased:
+                    self._count("erased")       # a corp that left: nothing more of it is sent
+                    continue
                 oid = report["outer_action_id"]
                 state = self.record.state(tp.partition, oid)
                 if state == ACKED or oid in seen:
@@ -419,7 +497,7 @@ class ApiSink:
             # An account known to be stuck costs no budget: its reports are parked at once.
             stuck = [p for p in todo if self.breaker.is_open(p.report["account_id"])]
             todo = [p for p in todo if not self.breaker.is_open(p.report["account_id"])]
-            await self.record.write([(p.partition, p.oid, SENDING) for p in todo])
+            await self.record.write([(p.partition, p.oid, SENDING, p.corp_id) for p in todo])
             result = await self._deliver(todo, self.settings.sink_retry_budget / 1000, retrying=False)
             result.parked += stuck
             await self._settle(result)
@@ -475,7 +553,11 @@ class ApiSink:
         await park_invalid(self.producer, self.settings, invalid)
         self.totals["invalid"] += len(invalid)
         todo: list[Pending] = []
+        erased = self.record.erasures.erased if self.record.erasures is not None else {}
         for tp, record, report in reports:
+            if report["corp_id"] in erased:
+                self._count("erased")
+                continue
             state = self.record.state(tp.partition, report["outer_action_id"])
             if not is_live_copy(state, record.offset):
                 # a second copy (written by a sink that died before recording it), or one
@@ -512,8 +594,8 @@ class ApiSink:
                 if not self.breaker.may_probe(account):
                     result.parked += items
                     continue
-                await self.record.write([(p.partition, p.oid, Parked(p.copy_offset, p.first_ts, retrying=True))
-                                         for p in items])
+                await self.record.write([(p.partition, p.oid, Parked(p.copy_offset, p.first_ts, retrying=True),
+                                          p.corp_id) for p in items])
             elif self.breaker.is_open(account):       # tripped earlier in this round
                 result.parked += items
                 continue
@@ -599,8 +681,8 @@ class ApiSink:
         """Make the round's outcomes durable, before its offsets are committed."""
         await self._send_failures(result.failed)
         await self._park(result.parked)
-        await self.record.write([(p.partition, p.oid, ACKED) for p in result.delivered]
-                                + [(p.partition, p.oid, FAILED) for p, _ in result.failed])
+        await self.record.write([(p.partition, p.oid, ACKED, p.corp_id) for p in result.delivered]
+                                + [(p.partition, p.oid, FAILED, p.corp_id) for p, _ in result.failed])
         self._count("delivered", len(result.delivered))
         self._count("failed", len(result.failed))
 
@@ -616,7 +698,7 @@ class ApiSink:
             futures.append(await self.producer.send(self.retry_topic, key=p.oid.encode(), value=p.value,
                                                     partition=p.partition, headers=envelope.headers()))
         written = await asyncio.gather(*futures)
-        await self.record.write([(p.partition, p.oid, Parked(meta.offset, p.first_ts))
+        await self.record.write([(p.partition, p.oid, Parked(meta.offset, p.first_ts), p.corp_id)
                                  for p, meta in zip(items, written)])
         first = sum(1 for p in items if p.attempt == 0)
         self._count("parked", first)
@@ -706,11 +788,14 @@ async def run_api_sink(settings: Settings, stop: asyncio.Event) -> dict:
     await check_retry_topic(settings)
     producer = _producer(settings)
     await start_client(producer)
+    erasures = ErasureRequests(settings, "tagstream-sink-erasures")
     try:
+        await erasures.follow()                # no report of an erased corp is taken for a live one's
+        metrics.ERASURE_PENDING.labels("sink").set_function(erasures.pending_seconds)
         async with MarketingApiClient(settings.marketing_api_base, token,
                                       RateLimiter(settings.sink_rate_limit),
                                       settings.sink_request_timeout / 1000) as client:
-            record = DeliveredRecord(settings, producer)
+            record = DeliveredRecord(settings, producer, erasures)
             sink = ApiSink(settings, client, record, producer)
             consumer = _sink_consumer(settings, [settings.topic("conversion_reports_topic"),
                                                  settings.topic("retry_reports_topic")], sink.listener())
@@ -720,4 +805,5 @@ async def run_api_sink(settings: Settings, stop: asyncio.Event) -> dict:
             finally:
                 await consumer.stop()
     finally:
+        await erasures.stop()
         await producer.stop()
