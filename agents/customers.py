@@ -531,6 +531,7 @@ class CustomerEvents:
                     self.deliveries.append(await self.producer.send(
                         self.erasures.topic, key=corp.encode(), value=audit_record(
                             corp, now, "worker", self.store.changelog_topic, partition, erasure.keys[corp])))
+                failpoint("erasure-staged")
                 await self._flush()
                 self.store.compact(partition)
                 metrics.ERASURES.labels("worker").inc(len(corps))

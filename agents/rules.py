@@ -34,6 +34,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from agents.dead_letters import park
 from schemas.records import rule_key
 from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
+from streams.kafka.reads import records_left
 from streams.observability import metrics
 from streams.core.rulebook import RuleBook, decode_history, encode_history, with_rule
 
@@ -124,14 +125,22 @@ class RuleReplica:
             return
         admin = AIOKafkaAdminClient(**self.connection)
         await admin.start()
+        probe = AIOKafkaConsumer(**self.connection, group_id=None, enable_auto_commit=False,
+                                 isolation_level="read_committed")
+        await probe.start()
         try:
             while True:
                 committed = await admin.list_consumer_group_offsets(self.group_id, partitions=list(unfolded))
-                if all(committed.get(tp) is not None and committed[tp].offset >= offset
-                       for tp, offset in unfolded.items()):
+                lagging = {tp: committed[tp].offset if committed.get(tp) is not None else start[tp]
+                           for tp, offset in unfolded.items()
+                           if committed.get(tp) is None or committed[tp].offset < offset}
+                # the enrichment erases a corp's rules in transactions: a partition can end in a
+                # commit marker the fold never sees, so "committed up to the end" never comes
+                if not lagging or not await records_left(probe, lagging, unfolded):
                     return
                 await asyncio.sleep(0.5)
         finally:
+            await probe.stop()
             await admin.close()
 
     async def _wait_for_partitions(self, consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -9,6 +9,7 @@ before it (issue 20; the enrichment restored four partitions in 2 s at every sta
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -32,3 +33,29 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], on_
         for tp in list(todo):
             if await consumer.position(tp) >= ends[tp]:
                 todo.discard(tp)
+
+
+async def records_left(consumer: AIOKafkaConsumer, since: dict[TopicPartition, int],
+                       ends: dict[TopicPartition, int], timeout_s: float = 5.0) -> set[TopicPartition]:
+    """The partitions that hold a record (as `consumer`'s isolation level sees it) between
+    `since` and `ends`. A partition written in transactions ends in a commit marker, which
+    no consumer is handed, so a group that consumed everything commits the marker's offset,
+    one below the end: this tells that from records still to come. The consumer's
+    assignment becomes `since`'s partitions."""
+    consumer.assign(list(since))
+    for tp, offset in since.items():
+        consumer.seek(tp, offset)
+    todo, found = {tp for tp in since if since[tp] < ends[tp]}, set()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while todo:
+        batches = await consumer.getmany(*todo, timeout_ms=200)
+        for tp, batch in batches.items():
+            if any(record.offset < ends[tp] for record in batch):
+                found.add(tp)
+                todo.discard(tp)
+        for tp in list(todo):
+            if await consumer.position(tp) >= ends[tp]:
+                todo.discard(tp)
+        if todo and asyncio.get_running_loop().time() > deadline:
+            return found | todo                    # not known: count them as left
+    return found

@@ -109,6 +109,7 @@ from streams.sinks.marketing_api import (
 from streams.sinks.parking import (
     ACKED, FAILED, SENDING, AccountBreaker, Parked, RetryEnvelope, State, is_live_copy, parse_state)
 from streams.settings import ConfigError, Settings
+from streams.state.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,8 @@ class DeliveredRecord:
             for oid, _ in doomed:
                 futures.append(await self.producer.send(self.topic, key=oid.encode(), value=None, partition=p))
                 self._apply(p, oid, None)
+            if doomed:
+                failpoint("delivered-erased")
             for corp, count in Counter(corp for _, corp in doomed).items():
                 futures.append(await self.producer.send(self.erasures.topic, key=corp.encode(), value=audit_record(
                     corp, now, "sink", self.topic, p, count)))

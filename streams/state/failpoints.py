@@ -1,4 +1,4 @@
-"""Failpoints: crash the worker at an exact point of its commit path, for crash tests.
+"""Failpoints: crash a process at an exact point of its commit path, for crash tests.
 
 A SIGKILL sent from outside lands wherever the worker happens to be; a fast worker often
 finishes a small log between two looks at it. A failpoint makes the crash land where it
@@ -17,6 +17,16 @@ The WeCom ingest and enrichment (streams/wecom/):
 - `callback-written`: the ingest wrote a callback to wecom-callbacks, and has not answered.
 - `enrich-sent`:      the enrichment sent a batch's events and snapshots in its transaction,
                       and has not committed it.
+- `permanent-code-fetched`: get_permanent_code answered; the code is not saved (the window
+                      the protocol leaves open, docs/provider.md).
+- `permanent-code-saved`: the sealed code is acknowledged on wecom-auth; the create_auth's
+                      batch is not committed.
+
+Erasure of a corp that left (streams/core/erasure.py):
+- `erasure-staged`:   the worker staged a partition's erasure and sent its audit; nothing
+                      of it is durable.
+- `delivered-erased`: the sink sent a partition's tombstones on the delivered record; not
+                      its audit, and the acks are not awaited.
 """
 from __future__ import annotations
 
@@ -24,7 +34,8 @@ import os
 import signal
 from typing import Optional
 
-NAMES = ("reports-acked", "changelog-sent", "changelog-acked", "state-durable", "callback-written", "enrich-sent")
+NAMES = ("reports-acked", "changelog-sent", "changelog-acked", "state-durable", "callback-written", "enrich-sent",
+         "permanent-code-fetched", "permanent-code-saved", "erasure-staged", "delivered-erased")
 
 
 def _parse(spec: Optional[str]) -> Optional[tuple[str, int]]:

@@ -454,6 +454,7 @@ class Enrichment:
                         "is not authorised until its admin authorises again", exc.errcode)
             return "refused"
         answered = time.perf_counter()
+        failpoint("permanent-code-fetched")
         corp_id = (answer.get("auth_corp_info") or {}).get("corpid", "")
         key, value = self.auth.record(Authorisation(corp_id, ACTIVE, answer["permanent_code"], agent_id_of(answer), at),
                                       code_hash=code_hash)

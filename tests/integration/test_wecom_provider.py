@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +40,9 @@ from streams.wecom.crypto import CallbackCrypto
 from tests.fake_wecom.api import FakeWeComApi, Staff
 from tests.fake_wecom.callbacks import CallbackSender
 from tests.fake_wecom.provider import FakeProvider
-from tests.integration.conftest import IngestProcess, Pipeline, SinkProcess, assert_no_secret_exposed, wait_until
+from streams.sinks.reporting import CORP_HEADER
+from tests.integration.conftest import (IngestProcess, Pipeline, SinkProcess, WorkerProcess, assert_no_secret_exposed,
+                                        wait_until)
 from tests.kafka_io import read_topic
 from tests.logs import kafka_partition
 from tests.marketing_api_server import MarketingApiServer, ServerThread
@@ -286,6 +289,212 @@ def test_fifty_corps_authorise_while_traffic_flows_and_three_that_cancel_are_era
     assert [1 for store, _, _ in items if store.startswith("partition-")], "no worker store found"
     assert not [(store, key) for store, key, value in items if any(c in key or c in value for c in gone)]
     assert [1 for _, key, _ in items if CORPS[0].encode() in key], "the staying corps' state is gone too"
+    for name in ("ingest.log", "enrich.log", "sink.log", "worker-0.log"):
+        log = (tmp_path / name).read_text()
+        assert not [s for s in secrets if s in log], f"a secret in {name}"
+
+
+# -- chaos: SIGKILLs during create_auth and during an erasure ----------------------------------
+
+class Supervisor:
+    """Restarts a process that a failpoint killed (SIGKILL), without the failpoint; `arm`
+    restarts one (gracefully) with a failpoint set."""
+
+    def __init__(self, **processes):
+        self.processes = processes
+        self.kills: dict[str, int] = {name: 0 for name in processes}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _start(self, process, failpoint: str | None = None) -> None:
+        if isinstance(process, WorkerProcess):
+            process.start({"TAGSTREAM_FAILPOINT": failpoint} if failpoint else None)
+            return
+        if failpoint:
+            process.env["TAGSTREAM_FAILPOINT"] = failpoint
+        else:
+            process.env.pop("TAGSTREAM_FAILPOINT", None)
+        process.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                for name, process in self.processes.items():
+                    code = process.process.poll()
+                    assert code in (None, -9), f"{name} exited {code}"
+                    if code == -9 and not self.stopping.is_set():
+                        self.kills[name] += 1
+                        self._start(process)
+            time.sleep(0.1)
+
+    def arm(self, name: str, failpoint: str) -> None:
+        with self.lock:
+            process = self.processes[name]
+            process.stop()
+            self._start(process, failpoint)
+
+    def wait_for_kill(self, name: str, kills: int, timeout: float = 60) -> None:
+        wait_until(lambda: self.kills[name] >= kills, timeout, f"{name} killed by its failpoint")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+
+
+def auth_status(pipeline: Pipeline) -> dict[str, str]:
+    return {k[len("corp:"):]: orjson.loads(r.value)["status"]
+            for k, r in compacted(pipeline, "wecom_auth").items() if k.startswith("corp:")}
+
+
+def test_kills_during_create_auth_and_during_an_erasure_lose_only_the_window_the_protocol_leaves(kafka_broker, tmp_path):
+    """Each process is killed where it hurts: the ingest after writing a create_auth and a
+    cancel_auth but before answering WeCom (WeCom pushes again); the enrichment after saving
+    a permanent code but before committing its batch (the corp stays authorised), and
+    between get_permanent_code's answer and the save (the one window the protocol leaves:
+    that authorisation is lost, and the admin's second scan brings the corp in); the worker
+    and the sink in the middle of the erasure (it completes after their restart). The staying
+    corps' reports equal the reference model's, and nothing of the cancelled corp is left."""
+    corps = [f"wwkill{n:010d}" for n in range(6)]
+    cancelling = corps[1]
+    pipeline = Pipeline(tmp_path, partitions=PARTITIONS, sink_rate_limit=60_000)
+    pipeline.create_topics()
+    now_ms = int(time.time() * 1000)
+    rules = [(f"{corp}:{tag}", {
+        "corp_id": corp, "tag_id": tag, "tag_name": name, "standard_type": TYPES[tag], "account_id": 4100,
+        "user_action_set_id": 14100, "effective_from": now_ms - 86_400_000, "version": 1, "action_type": None})
+        for corp in corps for tag, name in TAGS.items()]
+    pipeline.send(*[("tag_mappings", key, value) for key, value in rules])
+    fake = FakeWeComApi(seed=7)
+    provider = FakeProvider(fake, SUITE_ID, SUITE[3])
+    staff = Staff(fake)
+    wecom = ServerThread(fake).start()
+    marketing = MarketingApiServer(API_TOKEN)
+    api = ServerThread(marketing).start()
+    (tmp_path / "token").write_text(API_TOKEN)
+    overrides = {"wecom_api_base": f"{wecom.base_url}/cgi-bin/"}
+    worker = pipeline.start_worker()
+    worker.wait_for_rules(len(rules))
+    ingest = IngestProcess(pipeline, {}, tmp_path / "ingest.log", suite=SUITE, **overrides).start()
+    enrich = IngestProcess(pipeline, {}, tmp_path / "enrich.log", command="enrich", suite=SUITE, **overrides).start()
+    sink = SinkProcess(pipeline, api.base_url, tmp_path / "token", tmp_path / "sink.log").start()
+    supervisor = Supervisor(ingest=ingest, enrich=enrich, worker=worker, sink=sink)
+    customers: dict[str, list[str]] = {corp: [] for corp in corps}
+    secrets = list(SECRETS)
+
+    async def traffic() -> None:
+        loop = asyncio.get_running_loop()
+        blocking = lambda f, *args: loop.run_in_executor(None, f, *args)
+        async with CallbackSender(ingest.base_url, {SUITE_ID: CallbackCrypto(SUITE[1], SUITE[2])},
+                                  suites=frozenset({SUITE_ID}), seed=3,
+                                  retry_intervals_s=(0.5, 1, 2, 4, 8), retries=5) as sender:
+            async def send(command: dict) -> None:
+                assert await sender.send(SUITE_ID, command)
+
+            async def customer_of(corp: str) -> None:
+                customer = f"wm{corp[-3:]}{len(customers[corp]):03d}"
+                customers[corp].append(customer)
+                await send(provider.provider_event(staff.add_customer(corp, customer, USERID, unionid=f"un-{customer}")))
+                await send(provider.provider_event(staff.tag(corp, customer, USERID, add=["etA", "etB"])))
+
+            async def authorise(corp: str) -> dict:
+                command = provider.authorise(corp, TAGS)
+                secrets.append(command["AuthCode"])
+                await send(command)
+                return command
+
+            ticket = provider.push_ticket()
+            secrets.append(ticket["SuiteTicket"])
+            await send(ticket)
+            for corp in corps[:2]:
+                await authorise(corp)
+                await customer_of(corp)
+            # the ingest dies after writing a create_auth, before answering: WeCom pushes again
+            await blocking(supervisor.arm, "ingest", "callback-written:1")
+            await authorise(corps[2])
+            await blocking(supervisor.wait_for_kill, "ingest", 1)
+            # the enrichment dies after saving the permanent code, before committing its batch
+            await blocking(supervisor.arm, "enrich", "permanent-code-saved:1")
+            await authorise(corps[3])
+            await blocking(supervisor.wait_for_kill, "enrich", 1)
+            # ... and between get_permanent_code's answer and the save: the window
+            await blocking(supervisor.arm, "enrich", "permanent-code-fetched:1")
+            await authorise(corps[4])
+            await blocking(supervisor.wait_for_kill, "enrich", 2)
+            await blocking(wait_until, lambda: {c for c, s in auth_status(pipeline).items() if s == "active"}
+                           == set(corps[:4]), 60, "corps 0-3 authorised, corp 4 not", enrich)
+            assert corps[4] not in await blocking(auth_status, pipeline)   # its code was spent: the admin scans again
+            await authorise(corps[4])
+            await authorise(corps[5])
+            for corp in corps[2:]:
+                await customer_of(corp)
+            for corp in corps:
+                await customer_of(corp)
+            await blocking(wait_until, lambda: oid(cancelling, customers[cancelling][-1], "VALID") in marketing.accepted,
+                           90, "the cancelling corp's last report", sink)
+            # the erasure: the ingest dies after writing the cancel_auth, the worker and the sink
+            # in the middle of erasing
+            await blocking(supervisor.arm, "worker", "erasure-staged:1")
+            await blocking(supervisor.arm, "sink", "delivered-erased:1")
+            await blocking(worker.wait_for_rules, len(rules))
+            await blocking(supervisor.arm, "ingest", "callback-written:1")
+            await send(provider.cancel(cancelling))
+            for name, kills in (("ingest", 2), ("worker", 1), ("sink", 1)):
+                await blocking(supervisor.wait_for_kill, name, kills)
+            for corp in corps:
+                if corp != cancelling:
+                    await customer_of(corp)
+
+    try:
+        asyncio.run(traffic())
+        secrets += list(provider.permanent_codes.values())
+        assert {c for c, s in auth_status(pipeline).items() if s == "active"} == set(corps) - {cancelling}
+
+        def audits() -> list[dict]:
+            return [a for a in (orjson.loads(r.value) for r in pipeline.read("wecom_erasures", timeout=0.5))
+                    if a.get("kind") == "erased"]
+        wait_until(lambda: {a["partition"] for a in audits() if a["component"] == "worker"} == set(range(PARTITIONS))
+                   and [a for a in audits() if a["component"] == "sink" and a["keys_erased"]],
+                   120, "the worker's and the sink's erasure after their restarts")
+
+        staying = [c for c in corps if c != cancelling]
+        events = [orjson.loads(r.value) for topic in ("contact_events", "tag_events")
+                  for r in pipeline.read(topic, timeout=0.5)]
+        kept = sorted((e for e in events if e["corp_id"] in staying), key=lambda e: (e["ts"], "op" in e))
+        expected, _ = reference_reports(rules, kept, partition_of=lambda key: kafka_partition(key, PARTITIONS),
+                                        flush_at_end=False)
+        expected_ids = {r["outer_action_id"] for r in expected}
+        assert len(expected_ids) == sum(len(customers[c]) for c in staying)      # a VALID per customer
+        wait_until(lambda: set(marketing.accepted) >= expected_ids, 90, "the staying corps' reports", sink)
+        time.sleep(3)
+        gone_ids = {oid(cancelling, u, t) for u in customers[cancelling] for t in ("VALID", "INVALID")}
+        assert set(marketing.accepted) - gone_ids == expected_ids
+        assert sum(marketing.duplicates.values()) == 0
+
+        gone = cancelling.encode()
+        changelogs = [f"{pipeline.settings.app_id}-{table}-changelog" for table in ("reporting_state", "rule_versions")]
+        for topic in ("wecom_snapshots", "wecom_tags", "tag_mappings", "wecom_auth", "delivered_reports", *changelogs):
+            latest = compacted(pipeline, topic, topic if topic in changelogs else None)
+            assert not [k for k, r in latest.items() if gone in k.encode() or gone in r.value], topic
+        assert not [r for r in compacted(pipeline, "delivered_reports").values()
+                    if (CORP_HEADER, hashlib.sha256(gone).hexdigest().encode()) in r.headers]
+        unsaved = scrape(int(enrich.env["TAGSTREAM_ENRICH_METRICS_PORT"])) or {}
+        count = total(unsaved, "tagstream_wecom_permanent_code_unsaved_seconds_count")
+        seconds = total(unsaved, "tagstream_wecom_permanent_code_unsaved_seconds_sum")
+        print(f"permanent code unsaved: {count:.0f} codes since the last restart, mean {1000 * seconds / max(count, 1):.1f} ms")
+        assert count >= 2
+        assert_no_secret_exposed(pipeline, [ingest.port, int(enrich.env["TAGSTREAM_ENRICH_METRICS_PORT"]),
+                                            pipeline.settings.metrics_port, sink.port], secrets + [API_TOKEN])
+    finally:
+        supervisor.stop()
+        for process in (ingest, enrich, sink):
+            process.stop()
+        pipeline.stop()
+        wecom.stop()
+        api.stop()
+    items = list(rocksdb_items(Path(pipeline.settings.data_dir)))
+    assert items and not [(store, key) for store, key, value in items if gone in key or gone in value]
     for name in ("ingest.log", "enrich.log", "sink.log", "worker-0.log"):
         log = (tmp_path / name).read_text()
         assert not [s for s in secrets if s in log], f"a secret in {name}"
