@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 from schemas.validation import Rejection, decode_contact_event, decode_event_record, decode_tag_event
 from streams.core.merge import CoPartitionMerge
@@ -83,7 +83,7 @@ class Replay:
     """Input records in, results out, exactly as the live agent applies them."""
 
     def __init__(self, book: RuleBook, policy: ReportingPolicy, output: Output, summary: ReplaySummary,
-                 progress=None, max_future_skew_ms: int = 3_600_000):
+                 progress=None, max_future_skew_ms: int = 3_600_000, erased: Optional[Mapping[str, int]] = None):
         self.engine = ReportingEngine(MemoryStore(), book.rule_as_of, policy)
         self.merge: CoPartitionMerge = CoPartitionMerge(SOURCES, max_wait_ms=0, max_buffered=sys.maxsize)
         self.done: set[tuple[str, int]] = set()
@@ -92,9 +92,14 @@ class Replay:
         self.summary = summary
         self.progress = progress
         self.max_future_skew_ms = max_future_skew_ms
+        self.erased = frozenset(corp.encode() for corp in erased or ())   # corps that left: skipped
 
     def offer(self, record: InputRecord) -> None:
         self.partitions.add(record.partition)
+        if self.erased and record.key and record.key.split(b":", 1)[0] in self.erased:
+            self.summary.outcomes["erased"] += 1
+            self._advance()
+            return
         decoded = decode_event_record(DECODERS[record.source], record.key, record.value, record.timestamp,
                                       self.max_future_skew_ms)
         if isinstance(decoded, Rejection):

@@ -8,6 +8,8 @@ range or archives, feeding the replay (`streams.replay.engine`), and writing the
   range), so the live group's offsets never move. Reports go to the outbound topic, where
   the sink's delivered-id record stops anything already delivered; or, with `--dry-run`, to
   a file, with a comparison against what was delivered.
+- **Erased corps.** A corp whose erasure was requested (a provider-mode corp that cancelled)
+  is skipped, record by record, counted as `erased`: its data must not come back.
 - Records and archive lines that fail validation go to the dead-letter file with their
   reason and are counted; they never stop the run.
 """
@@ -29,6 +31,7 @@ from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
 from streams.cli.progress import Progress
 from streams.kafka.connection import client_kwargs, producer_kwargs, start_client
 from streams.kafka.reads import read_to_end
+from streams.core.erasure import fold_requests
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import ReportingPolicy
 from streams.replay.archive import archive_line, open_archive, read_archives
@@ -94,6 +97,20 @@ async def load_rule_book(settings: Settings) -> tuple[RuleBook, int]:
     finally:
         await consumer.stop()
     return book, records
+
+
+async def load_erased_corps(settings: Settings) -> dict[str, int]:
+    """The corps whose erasure was requested (streams/core/erasure.py): a replay takes none
+    of their records, as the live worker refuses them."""
+    erased: dict[str, int] = {}
+    consumer = _consumer(settings)
+    await start_client(consumer)
+    try:
+        await _read_whole(consumer, settings.topic("wecom_erasures_topic"),
+                          lambda record: fold_requests(erased, record.value))
+    finally:
+        await consumer.stop()
+    return erased
 
 
 @dataclass
@@ -333,6 +350,7 @@ class ReplayOptions:
 async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummary:
     policy = ReportingPolicy.from_settings(settings)
     summary = ReplaySummary()
+    erased = await load_erased_corps(settings)
     dead_letters = DeadLetterFile(options.dead_letters)
     producer = None
     if options.dry_run:
@@ -358,7 +376,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
                                   + (" in the --from/--to range" if options.from_ms or options.to_ms else "")
                                   + f" ({len(contents.bad_lines)} bad lines, see {options.dead_letters})")
             progress = Progress(total, "replay")
-            replay = Replay(book, policy, output, summary, progress, settings.max_future_skew)
+            replay = Replay(book, policy, output, summary, progress, settings.max_future_skew, erased)
             for (source, partition), batch in sorted(contents.records.items()):
                 for record in batch:
                     replay.offer(record)
@@ -375,7 +393,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
                 if plan.records == 0:
                     raise plan.empty_error(settings, options.from_ms, options.to_ms)
                 progress = Progress(plan.records, "replay")
-                replay = Replay(book, policy, output, summary, progress, settings.max_future_skew)
+                replay = Replay(book, policy, output, summary, progress, settings.max_future_skew, erased)
                 await replay_topics(settings, replay, plan, consumer, options.from_ms, options.to_ms)
                 replay.finish()
             finally:

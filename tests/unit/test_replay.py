@@ -191,6 +191,23 @@ def test_bad_records_are_dead_letters_and_counted_and_the_run_goes_on():
     assert canonical(out.reports) == _model(log, partition_of)[0]
 
 
+def test_an_erased_corps_records_are_skipped_and_the_other_corp_replays_as_alone():
+    gone, stay = generate_log(2, customers=10, events=300, corp="wwGone"), generate_log(3, customers=10, events=300)
+    partition_of = lambda key: kafka_partition(key, PARTITIONS)       # noqa: E731
+    both = {"rules": gone["rules"] + stay["rules"], "events": stay["events"] + gone["events"]}
+    book, _ = decoded(both, partition_of)
+    out, summary = Collect(), ReplaySummary()
+    replay = Replay(book, POLICY, out, summary, erased={"wwGone": 1})
+    replay.offer(InputRecord(TAG, 0, 0, b"wwGone:x", b"{not json", "t/0@0"))    # not even a dead letter
+    for batch in _streams(both, partition_of).values():
+        for record in batch:
+            replay.offer(record)
+    replay.finish()
+    assert out.dead == [] and summary.outcomes["erased"] == len(gone["events"]) + 1
+    assert not [r for r in out.reports + out.unreportables if r["corp_id"] == "wwGone"]
+    assert canonical(out.reports) == _model(stay, partition_of)[0] and out.reports
+
+
 def test_archive_lines_round_trip_and_bad_lines_are_reported_not_raised(tmp_path):
     good_tag = {"event_id": "e1", "corp_id": "ww1", "external_userid": "wm1", "userid": "s", "tag_id": "t",
                 "op": "add", "ts": 1_763_800_000_000}
