@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: cluster cluster-stop setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: cluster cluster-stop setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay bench-explain bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -77,6 +77,10 @@ bench-sink: setup
 ## One 200,000-event log processed live, replayed from topics and from an archive: compared and timed.
 bench-replay: setup
 	$(BIN)/python -m bench.replay_vs_live $(BENCH_ARGS)
+
+## `tagstream explain` of one customer's day out of 10M events over 30 days, beside reading its partition whole.
+bench-explain: setup
+	$(BIN)/python -m bench.explain $(BENCH_ARGS)
 
 ## The WeCom ingest: callbacks answered/s with answer times (beside a bare aiohttp server), and sidebar tag to report.
 bench-ingest: setup

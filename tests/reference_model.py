@@ -217,6 +217,7 @@ def reference_reports(
     flush_at_end: bool = True,
     record_timestamps: Optional[list[Optional[int]]] = None,
     max_future_skew_ms: int = 60 * MINUTE_MS,
+    outcomes: Optional[list[tuple[str, str]]] = None,
 ) -> tuple[list[dict], list[dict]]:
     """Reports and unreportable reports for ``events`` applied in order under ``rules``.
 
@@ -244,6 +245,10 @@ def reference_reports(
     * A released hold reports its first add (``mode: delayed``), identity as at release.
     * ``flush_at_end``: after the last event every remaining hold is released, ordered by
       ``(deadline, customer_key, standard_type)`` across all partitions.
+    * ``outcomes``: if given, gets ``(event_id, outcome)`` per event applied, in order, in the
+      engine's words (``duplicate``, ``contact_applied``, ``cancelled``, ``tag_removed``,
+      ``unmapped``, ``already_reported``, ``reported``, ``unreportable``, ``held``,
+      ``hold_joined``): what `tagstream explain` must say.
 
     Choices beyond the SPEC: a rule list entry with the same ``(effective_from, version)`` as an
     earlier one of the same key wins over it; a rule is looked up by the record key
@@ -280,6 +285,10 @@ def reference_reports(
     def release_order(hold_key: tuple[str, str]) -> tuple[int, str, str]:
         return (holds[hold_key]["deadline"], hold_key[0], hold_key[1])
 
+    def note(outcome: str) -> None:
+        if outcomes is not None:
+            outcomes.append((event["event_id"], outcome))
+
     for position, event in enumerate(events):
         who = customer_key(event)
         partition = partition_of(who)
@@ -295,6 +304,7 @@ def reference_reports(
         for old_id in [eid for eid, ts in seen.items() if ts < now - dedupe_horizon_ms]:
             del seen[old_id]
         if event["event_id"] in seen:
+            note("duplicate")
             continue
         seen[event["event_id"]] = event["ts"]
 
@@ -307,19 +317,24 @@ def reference_reports(
             if event["change_type"] == "add_external_contact":
                 staff_add_times = add_times.setdefault(who, {})
                 staff_add_times[event["userid"]] = min(staff_add_times.get(event["userid"], event["ts"]), event["ts"])
+            note("contact_applied")
             continue
 
         if event["op"] == "remove":
             # Rule 6: removing every supporting tag before the deadline cancels the hold.
+            cancelled = False
             for hold_key in [key for key in holds if key[0] == who]:
                 holds[hold_key]["support"].discard(event["tag_id"])
                 if not holds[hold_key]["support"]:
                     del holds[hold_key]
+                    cancelled = True
+            note("cancelled" if cancelled else "tag_removed")
             continue
 
         # op == "add". Rule 2: mapping.
         rule = rule_in_force(rule_versions, event["corp_id"], event["tag_id"], event["ts"])
         if rule is None or rule.get("standard_type") is None:
+            note("unmapped")
             continue
         standard_type, reason = rule["standard_type"], None
 
@@ -330,6 +345,7 @@ def reference_reports(
 
         # Rule 3: once per customer and type.
         if (who, standard_type) in reported:
+            note("already_reported")
             continue
 
         if standard_type in REALTIME_TYPES:
@@ -339,12 +355,15 @@ def reference_reports(
                                   tag_event=event, identity=identity)
             deliver_or_mark_unreportable(report, identity, reports=reports, unreportable=unreportable,
                                          reported=reported)
+            note("reported" if has_user_identity(identity) else "unreportable")
         else:
             # Rule 6: delayed types are held from their first supporting add.
             hold_key = (who, standard_type)
             if hold_key in holds:
                 holds[hold_key]["support"].add(event["tag_id"])
+                note("hold_joined")
             else:
+                note("held")
                 holds[hold_key] = {
                     "deadline": event["ts"] + delay_hold_ms,
                     "partition": partition,

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "writes the change to wecom-callbacks, where the enrichment turns it into the tag events\n"
                 "a callback would have produced (same ids).\n\n"
                 "example:\n  tagstream tag --corp ww51a2 --userid zhangsan --customer wmKx01 --add etQ7x --remove etA1")
-    p.add_argument("--corp", required=True, help="corp id (in the corps file)")
+    p.add_argument("--corp", required=True, help="corp id: in the corps file, or (provider mode) authorised")
     p.add_argument("--userid", required=True, help="the staff member whose relationship is tagged")
     p.add_argument("--customer", required=True, help="the customer's external_userid")
     p.add_argument("--add", default="", help="comma-separated tag ids to add")
@@ -119,8 +119,49 @@ def build_parser() -> argparse.ArgumentParser:
                 "With --reconcile-every 6h (or TAGSTREAM_RECONCILE_EVERY) it keeps running, a pass every 6 h.\n\n"
                 "examples:\n  tagstream reconcile\n  tagstream reconcile --corp ww51a2 --since 2026-11-01T00:00:00Z\n"
                 "  tagstream reconcile --reconcile-every 6h")
-    p.add_argument("--corp", action="append", default=[], help="only this corp (repeatable; default: all in the corps file)")
+    p.add_argument("--corp", action="append", default=[], help="only this corp (repeatable; default: all in the corps file and every authorised corp)")
     p.add_argument("--since", metavar="TIME", help="only relationships made since TIME (ISO-8601)")
+
+    p = command("rules", "manage the reporting rules: import a CSV/YAML file, list, history, diff, unmap",
+                "Every change is a new version on the rules topic (SPEC §3.3); none is ever rewritten.\n"
+                "A file has the columns corp_id, tag (an id, or a name resolved through the catalogue\n"
+                "in wecom-tags), standard_type, account_id, user_action_set_id, action_type (may be\n"
+                "empty) and effective_from (ISO-8601, epoch ms, or now). One bad line refuses the\n"
+                "whole file, and every bad line is listed with its reason. An effective_from in the\n"
+                "past needs --retroactive (live processing has passed it), and the output names the\n"
+                "replay range that applies it. Read-only but for import and unmap; no consumer group.\n\n"
+                "examples:\n"
+                "  tagstream rules diff mappings.csv        # the versions an import would publish\n"
+                "  tagstream rules import mappings.csv\n"
+                "  tagstream rules list --corp ww51a2 --as-of 2026-12-01T00:00:00+08:00\n"
+                "  tagstream rules history ww51a2:etQ7x --json\n"
+                "  tagstream rules unmap ww51a2:etQ7x --from 2026-12-08T00:00:00+08:00")
+    p.add_argument("action", choices=("import", "list", "history", "diff", "unmap"), help="what to do")
+    p.add_argument("target", nargs="?", metavar="FILE|CORP:TAG",
+                   help="the rules file (import, diff) or the rule (history, unmap)")
+    p.add_argument("--corp", help="list: only this corp's rules")
+    p.add_argument("--as-of", metavar="TIME", help="list: the versions in force at TIME (ISO-8601) [default: now]")
+    p.add_argument("--from", dest="from_time", metavar="TIME", help="unmap: from when (ISO-8601, or now)")
+    p.add_argument("--retroactive", action="store_true",
+                   help="allow an effective_from in the past (then replay the range the output names)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    p = command("explain", "why a customer's conversions were (not) reported: a timeline, event by event",
+                "Reads one customer's events (its one partition of both event topics, for the time\n"
+                "range, never the whole topic) and runs them through the worker's own merge and engine\n"
+                "with the worker's rule book, as replay does. For each event: the rule version it met,\n"
+                "the outcome and why (reported, unmapped, already reported, held until T, cancelled,\n"
+                "order after the window, no identity, duplicate), and each report's delivery state\n"
+                "from delivered-reports (acked, failed with the API's answer, in doubt, not yet sent).\n"
+                "It ends with why (not), type by type. Nothing before --from is read: it says what that\n"
+                "hides. Read-only; no consumer group.\n\n"
+                "examples:\n  tagstream explain ww51a2:wmKx01\n"
+                "  tagstream explain ww51a2:wmKx01 --from 2026-12-01T00:00:00+08:00 --to 2026-12-02T00:00:00+08:00 --json")
+    p.add_argument("customer", metavar="CORP:EXTERNAL_USERID", help="the customer")
+    p.add_argument("--from", dest="from_time", metavar="TIME",
+                   help="start of the range (ISO-8601) [default: --to less the dedupe horizon, 7 days]")
+    p.add_argument("--to", dest="to_time", metavar="TIME", help="end of the range (ISO-8601) [default: now]")
+    p.add_argument("--json", action="store_true", help="the timeline as JSON")
 
     p = command("load", "produce sample reporting rules and a generated event stream",
                 "Produce the sample rules, then N generated events. Example: tagstream load --events 10000")
@@ -340,13 +381,11 @@ def _ids(text: str) -> list[str]:
 
 def cmd_tag(args, settings: Settings) -> int:
     from streams.kafka import connection
-    from streams.wecom.api import WeComClient
+    from streams.wecom.api import command_client
     from streams.wecom.corps import load_corps
     from streams.wecom.tagging import tag_through_wecom
     from aiokafka import AIOKafkaProducer
     corps = load_corps(settings)
-    if args.corp not in corps:
-        raise ConfigError(f"--corp {args.corp!r} is not in {settings.wecom_corps_file}; add it there first")
     add, remove = _ids(args.add), _ids(args.remove)
     if not add and not remove:
         raise ConfigError("nothing to do: give --add TAG[,TAG] and/or --remove TAG[,TAG]")
@@ -355,7 +394,10 @@ def cmd_tag(args, settings: Settings) -> int:
         producer = AIOKafkaProducer(**connection.producer_kwargs(settings), client_id="tagstream-tag")
         await connection.start_client(producer)
         try:
-            async with WeComClient(settings, corps) as client:
+            async with command_client(settings, corps, "tagstream-tag-auth") as client:
+                if not client.serves(args.corp):
+                    raise ConfigError(f"--corp {args.corp!r} is not in {settings.wecom_corps_file} and has not "
+                                      "authorised the suite; add it to the corps file, or have it authorise first")
                 await tag_through_wecom(client, producer, settings, args.corp, args.userid, args.customer, add, remove)
         finally:
             await producer.stop()
@@ -369,13 +411,10 @@ def cmd_reconcile(args, settings: Settings) -> int:
     from pathlib import Path
     from tqdm import tqdm
     from streams.replay.run import parse_time
-    from streams.wecom.api import WeComClient
+    from streams.wecom.api import command_client
     from streams.wecom.corps import load_corps
     from streams.wecom.reconcile import reconcile
     corps = load_corps(settings)
-    unknown = [c for c in args.corp if c not in corps]
-    if unknown:
-        raise ConfigError(f"--corp {unknown[0]!r} is not in {settings.wecom_corps_file}")
     since_s = parse_time("--since", args.since) // 1000 if args.since else None
     _logging(settings)
 
@@ -384,10 +423,14 @@ def cmd_reconcile(args, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with WeComClient(settings, corps) as client:
+        async with command_client(settings, corps, "tagstream-reconcile-auth") as client:
+            unknown = [c for c in args.corp if not client.serves(c)]
+            if unknown:
+                raise ConfigError(f"--corp {unknown[0]!r} is not in {settings.wecom_corps_file} and has not "
+                                  "authorised the suite")
             while not stop.is_set():
                 with tqdm(unit=" relationships", disable=not sys.stderr.isatty()) as bar:
-                    summary = await reconcile(settings, client, args.corp or sorted(corps),
+                    summary = await reconcile(settings, client, args.corp or client.corp_ids(),
                                               state_dir=Path(settings.reconcile_state_dir), since_s=since_s,
                                               progress_bar=bar)
                 print(summary.render(), flush=True)
@@ -549,7 +592,22 @@ def cmd_run(args, settings: Settings) -> int:
                     reports_file=args.reports_file, via_wecom=args.via_wecom)
 
 
+def cmd_explain(args, settings: Settings) -> int:
+    import time as _time
+    from streams.explain.run import run_explain
+    from streams.replay.run import parse_time
+    to_ms = parse_time("--to", args.to_time) if args.to_time else int(_time.time() * 1000)
+    from_ms = parse_time("--from", args.from_time) if args.from_time else to_ms - settings.dedupe_horizon
+    return asyncio.run(run_explain(settings, args.customer, from_ms, to_ms, args.json))
+
+
+def cmd_rules(args, settings: Settings) -> int:
+    from streams.rules.run import cmd_rules as run
+    return run(args, settings)
+
+
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "sink": cmd_sink, "ingest": cmd_ingest, "enrich": cmd_enrich, "tag": cmd_tag, "reconcile": cmd_reconcile,
+            "rules": cmd_rules, "explain": cmd_explain,
             "load": cmd_load,
             "replay": cmd_replay, "archive": cmd_archive,
             "topics": cmd_topics, "lag": cmd_lag, "topology": cmd_topology, "settings": cmd_settings}

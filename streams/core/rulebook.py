@@ -85,6 +85,10 @@ class RuleBook:
         index = bisect.bisect_right(starts, (ts, float("inf"))) - 1
         return self._histories[(corp_id, tag_id)][index] if index >= 0 else None
 
+    def history(self, corp_id: str, tag_id: str) -> list[ReportingRule]:
+        """Every version of one key, in (effective_from, version) order."""
+        return list(self._histories.get((corp_id, tag_id), ()))
+
     def all_rules(self) -> Iterator[ReportingRule]:
         """Every version of every key (for archives)."""
         for history in self._histories.values():

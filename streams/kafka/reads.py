@@ -10,9 +10,53 @@ before it (issue 20; the enrichment restored four partitions in 2 s at every sta
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.kafka.connection import client_kwargs, start_client
+
+if TYPE_CHECKING:
+    from streams.settings import Settings
+
+
+def reader(settings: "Settings") -> AIOKafkaConsumer:
+    """A consumer with no group (it never moves anyone's offsets) that sees committed records
+    only: for the operator tools, replay and restores."""
+    return AIOKafkaConsumer(**client_kwargs(settings), group_id=None,
+                            enable_auto_commit=False, isolation_level="read_committed",
+                            max_partition_fetch_bytes=4 * 1024 * 1024)
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    """The topic's partition numbers (empty if it does not exist), from fresh metadata."""
+    cluster = await consumer._client.fetch_all_metadata()        # noqa: SLF001 (no public call returns it)
+    return sorted(cluster.partitions_for_topic(topic) or ())
+
+
+async def read_whole(consumer: AIOKafkaConsumer, topic: str, on_record) -> None:
+    """Every record of `topic` from its start to its current end."""
+    await read_to_end(consumer, [TopicPartition(topic, p) for p in await partitions_of(consumer, topic)], on_record)
+
+
+async def read_compacted(settings: "Settings", topic: str) -> dict[str, bytes]:
+    """A compacted topic as compaction keeps it: the latest value per key, tombstoned keys
+    left out; read from its start to its end as of the call."""
+    values: dict[str, bytes] = {}
+
+    def keep(record) -> None:
+        key = record.key.decode()
+        if record.value is None:
+            values.pop(key, None)
+        else:
+            values[key] = record.value
+    consumer = reader(settings)
+    await start_client(consumer)
+    try:
+        await read_whole(consumer, topic, keep)
+    finally:
+        await consumer.stop()
+    return values
 
 
 async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], on_record: Callable,

@@ -17,12 +17,12 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from schemas.validation import Rejection, decode_contact_event, decode_event_record, decode_tag_event
 from streams.core.merge import CoPartitionMerge
 from streams.core.rulebook import RuleBook
-from streams.core.semantics import MemoryStore, ReportingEngine, ReportingPolicy, StepResult
+from streams.core.semantics import Event, MemoryStore, ReportingEngine, ReportingPolicy, StepResult
 
 CONTACT, TAG, RULE = "contact", "tag", "rule"
 SOURCES = (CONTACT, TAG)                  # merge order: contacts first on equal ts
@@ -83,7 +83,10 @@ class Replay:
     """Input records in, results out, exactly as the live agent applies them."""
 
     def __init__(self, book: RuleBook, policy: ReportingPolicy, output: Output, summary: ReplaySummary,
-                 progress=None, max_future_skew_ms: int = 3_600_000, erased: Optional[Mapping[str, int]] = None):
+                 progress=None, max_future_skew_ms: int = 3_600_000, erased: Optional[Mapping[str, int]] = None,
+                 observer: Optional[Callable[[int, Event, StepResult], None]] = None):
+        """`observer(partition, event, result)` sees each step before its reports go to
+        `output` (`tagstream explain` builds its timeline from it)."""
         self.engine = ReportingEngine(MemoryStore(), book.rule_as_of, policy)
         self.merge: CoPartitionMerge = CoPartitionMerge(SOURCES, max_wait_ms=0, max_buffered=sys.maxsize)
         self.done: set[tuple[str, int]] = set()
@@ -93,6 +96,7 @@ class Replay:
         self.progress = progress
         self.max_future_skew_ms = max_future_skew_ms
         self.erased = frozenset(corp.encode() for corp in erased or ())   # corps that left: skipped
+        self.observer = observer
 
     def offer(self, record: InputRecord) -> None:
         self.partitions.add(record.partition)
@@ -120,19 +124,25 @@ class Replay:
         caught_up = lambda source, since: (source, partition) in self.done   # noqa: E731
         for event in self.merge.release(partition, caught_up, lambda: 0):
             result = self.engine.on_event(partition, event, _now_ms())
+            if self.observer is not None:
+                self.observer(partition, event, result)
             self.summary.outcomes[result.outcome] += 1
             self._emit(result)
             self._advance()
 
-    def finish(self) -> ReplaySummary:
+    def finish(self, idle_at: Optional[int] = None) -> ReplaySummary:
         """End of input: every source is done; apply what is buffered, then resolve every
-        open hold in deadline order."""
+        open hold in deadline order; or, with `idle_at` (epoch ms), only the holds a live
+        worker idle at that moment has released (`ReportingEngine.on_idle`)."""
         for partition in sorted(self.partitions):
             for source in SOURCES:
                 self.done.add((source, partition))
             self.release(partition)
         for partition in sorted(self.partitions):
-            self._emit(self.engine.flush(partition, _now_ms()))
+            if idle_at is None:
+                self._emit(self.engine.flush(partition, _now_ms()))
+            else:
+                self._emit(self.engine.on_idle(partition, idle_at, _now_ms()))
         return self.summary
 
     def _emit(self, result: StepResult) -> None:

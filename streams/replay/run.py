@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
 from streams.cli.progress import Progress
-from streams.kafka.connection import client_kwargs, producer_kwargs, start_client
-from streams.kafka.reads import read_to_end
+from streams.kafka.connection import producer_kwargs, start_client
+from streams.kafka.reads import partitions_of, read_whole, reader
 from streams.core.erasure import fold_requests
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import ReportingPolicy
@@ -58,29 +58,11 @@ def format_time(ms: int) -> str:
 
 # -- Kafka: rules, ranges, delivered record ------------------------------------------------------
 
-def _consumer(settings: Settings) -> AIOKafkaConsumer:
-    # No group: a replay never moves the live group's offsets.
-    return AIOKafkaConsumer(**client_kwargs(settings), group_id=None,
-                            enable_auto_commit=False, isolation_level="read_committed",
-                            max_partition_fetch_bytes=4 * 1024 * 1024)
-
-
-async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    """The topic's partition numbers (empty if it does not exist), from fresh metadata."""
-    cluster = await consumer._client.fetch_all_metadata()        # noqa: SLF001 (no public call returns it)
-    return sorted(cluster.partitions_for_topic(topic) or ())
-
-
-async def _read_whole(consumer: AIOKafkaConsumer, topic: str, on_record) -> None:
-    """Every record of `topic` from its start to its current end."""
-    await read_to_end(consumer, [TopicPartition(topic, p) for p in await partitions_of(consumer, topic)], on_record)
-
-
 async def load_rule_book(settings: Settings) -> tuple[RuleBook, int]:
     """The live worker's rules: the rule_versions changelog, then every rules-topic record
     folded on top (a version the worker has not folded yet still counts)."""
     book, records = RuleBook(), 0
-    consumer = _consumer(settings)
+    consumer = reader(settings)
     await start_client(consumer)
     try:
         def from_rules_topic(record) -> None:
@@ -91,9 +73,9 @@ async def load_rule_book(settings: Settings) -> tuple[RuleBook, int]:
             elif not isinstance(rule, Rejection):
                 book.add(rule)
                 records += 1
-        await _read_whole(consumer, f"{settings.app_id}-rule_versions-changelog",
+        await read_whole(consumer, f"{settings.app_id}-rule_versions-changelog",
                           lambda record: book.apply_changelog(record.key, record.value))
-        await _read_whole(consumer, settings.topic("tag_mappings_topic"), from_rules_topic)
+        await read_whole(consumer, settings.topic("tag_mappings_topic"), from_rules_topic)
     finally:
         await consumer.stop()
     return book, records
@@ -103,10 +85,10 @@ async def load_erased_corps(settings: Settings) -> dict[str, int]:
     """The corps whose erasure was requested (streams/core/erasure.py): a replay takes none
     of their records, as the live worker refuses them."""
     erased: dict[str, int] = {}
-    consumer = _consumer(settings)
+    consumer = reader(settings)
     await start_client(consumer)
     try:
-        await _read_whole(consumer, settings.topic("wecom_erasures_topic"),
+        await read_whole(consumer, settings.topic("wecom_erasures_topic"),
                           lambda record: fold_requests(erased, record.value))
     finally:
         await consumer.stop()
@@ -131,12 +113,14 @@ class RangePlan:
                            f"{settings.topic('tag_events_topic')} or {settings.topic('contact_events_topic')}; {span}")
 
 
-async def plan_range(consumer: AIOKafkaConsumer, settings: Settings, from_ms: int, to_ms: int) -> RangePlan:
-    """Offsets of [from, to) on both event topics, with offsets_for_times."""
+async def plan_range(consumer: AIOKafkaConsumer, settings: Settings, from_ms: int, to_ms: int,
+                     only: Optional[set[int]] = None) -> RangePlan:
+    """Offsets of [from, to) on both event topics, with offsets_for_times; with `only`, of
+    those partition numbers alone (`tagstream explain` reads one customer's)."""
     tps = []
     for source in SOURCES:
         topic = settings.topic(TOPIC_SETTING[source])
-        partitions = await partitions_of(consumer, topic)
+        partitions = [p for p in await partitions_of(consumer, topic) if only is None or p in only]
         if not partitions:
             if settings.sasl_username:     # Kafka hides a topic the user may not Describe
                 raise ConfigError(f"topic {topic} does not exist or user {settings.sasl_username!r} may not "
@@ -198,12 +182,12 @@ async def replay_topics(settings: Settings, replay: Replay, plan: RangePlan, con
 async def delivered_state(settings: Settings) -> dict[str, bytes]:
     """outer_action_id -> its state in the sink's delivered record (acked, failed, sending)."""
     state: dict[str, bytes] = {}
-    consumer = _consumer(settings)
+    consumer = reader(settings)
     await start_client(consumer)
     try:
         def apply(record) -> None:
             state[record.key.decode()] = record.value
-        await _read_whole(consumer, settings.topic("delivered_reports_topic"), apply)
+        await read_whole(consumer, settings.topic("delivered_reports_topic"), apply)
     finally:
         await consumer.stop()
     return state
@@ -213,14 +197,14 @@ async def first_reports(settings: Settings, ids: set[str]) -> dict[str, dict]:
     """The first report on the outbound topic for each of `ids`: the one the sink delivered
     (later copies of an acknowledged id are skipped by the sink)."""
     found: dict[str, dict] = {}
-    consumer = _consumer(settings)
+    consumer = reader(settings)
     await start_client(consumer)
     try:
         def apply(record) -> None:
             oid = record.key.decode() if record.key else None
             if oid in ids and oid not in found:
                 found[oid] = orjson.loads(record.value)
-        await _read_whole(consumer, settings.topic("conversion_reports_topic"), apply)
+        await read_whole(consumer, settings.topic("conversion_reports_topic"), apply)
     finally:
         await consumer.stop()
     return found
@@ -386,7 +370,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
             replay.finish()
         else:
             book, _ = await load_rule_book(settings)
-            consumer = _consumer(settings)
+            consumer = reader(settings)
             await start_client(consumer)
             try:
                 plan = await plan_range(consumer, settings, options.from_ms, options.to_ms)
@@ -428,7 +412,7 @@ async def run_replay(settings: Settings, options: ReplayOptions) -> ReplaySummar
 async def run_archive(settings: Settings, from_ms: int, to_ms: int, out: str) -> dict:
     """Write the rule book and the event topics' records in [from, to) to an NDJSON archive."""
     book_records = []
-    consumer = _consumer(settings)
+    consumer = reader(settings)
     await start_client(consumer)
     counts: Counter = Counter()
     try:

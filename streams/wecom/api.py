@@ -29,15 +29,16 @@ import asyncio
 import contextvars
 import random
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import aiohttp
 
 from streams.observability import metrics
 from streams.settings import Settings
-from streams.wecom.corps import Corp, Suite
-from streams.wecom.provider import ACTIVE, AuthBook
+from streams.wecom.corps import Corp, Suite, load_suite
+from streams.wecom.provider import ACTIVE, AuthBook, Vault
 
 #: a shorter retry budget for the calls made inside it (the enrichment's retries of a
 #: deferred corp: one quick look, not another full budget)
@@ -106,6 +107,14 @@ class WeComClient:
         self.token_locks: dict[str, asyncio.Lock] = {}
         self.buckets: dict[tuple[str, str], _Bucket] = {}
         self.session: Optional[aiohttp.ClientSession] = None
+
+    def serves(self, corp_id: str) -> bool:
+        """A corp of the corps file, or (provider mode) one whose authorisation is active."""
+        return corp_id in self.corps or (self.auth is not None and self.auth.status(corp_id) == ACTIVE)
+
+    def corp_ids(self) -> list[str]:
+        """Every corp `serves`."""
+        return sorted({*self.corps, *(self.auth.corp_ids(ACTIVE) if self.auth is not None else ())})
 
     async def __aenter__(self) -> "WeComClient":
         self.session = aiohttp.ClientSession(timeout=self.timeout)
@@ -273,3 +282,24 @@ class WeComClient:
 
 def _who(corp_id: str) -> str:
     return "the suite" if corp_id == SUITE else f"corp {corp_id}"
+
+
+@asynccontextmanager
+async def command_client(settings: Settings, corps: dict[str, Corp], client_id: str) -> AsyncIterator[WeComClient]:
+    """The client of a command that calls WeCom for any corp (`tagstream tag`, `reconcile`,
+    the ingest's tag endpoint): the corps file's apps and, in provider mode, every corp that
+    authorised the suite, followed from `wecom-auth` (read to its end before the first call)."""
+    from streams.kafka.replica import CompactedReplica      # Kafka only in provider mode
+    suite = load_suite(settings)
+    auth = AuthBook(Vault.from_settings(settings)) if suite else None
+    replica = None
+    if auth is not None:
+        replica = CompactedReplica(settings, settings.topic("wecom_auth_topic"), client_id, auth.values)
+        await replica.start()
+        await replica.caught_up(30.0)
+    try:
+        async with WeComClient(settings, corps, suite=suite, auth=auth) as client:
+            yield client
+    finally:
+        if replica is not None:
+            await replica.stop()

@@ -54,7 +54,7 @@ from streams.kafka import connection
 from streams.observability import metrics
 from streams.settings import Settings
 from streams.state.failpoints import failpoint
-from streams.wecom.api import WeComClient, WeComError, WeComUnavailable
+from streams.wecom.api import WeComClient, WeComError, WeComUnavailable, command_client
 from streams.wecom.corps import Corp, Suite
 from streams.wecom.provider import Vault, seal_command
 from streams.wecom.crypto import Refused
@@ -209,7 +209,7 @@ class CallbackIngest:
         except (ValueError, KeyError, TypeError) as exc:
             metrics.WECOM_TAG_REQUESTS.labels("bad_request").inc()
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
-        if corp_id not in self.corps:
+        if not self.client.serves(corp_id):
             metrics.WECOM_TAG_REQUESTS.labels("unknown_corp").inc()
             return web.json_response({"error": "unknown_corp"}, status=404)
         try:
@@ -270,8 +270,8 @@ class CallbackIngest:
 async def serve(settings: Settings, corps: dict[str, Corp], stop: asyncio.Event,
                 api_token: Optional[str] = None, suite: Optional[Suite] = None, vault: Optional[Vault] = None) -> None:
     """Run the ingest until `stop` is set."""
-    client = WeComClient(settings, corps)
-    await client.__aenter__()
+    clients = command_client(settings, corps, "tagstream-ingest-auth")   # for the tag endpoint
+    client = await clients.__aenter__()
     ingest = CallbackIngest(settings, corps, api_token=api_token, client=client, suite=suite, vault=vault)
     await ingest.start()
     runner = web.AppRunner(ingest.app(), access_log=None)
@@ -286,4 +286,4 @@ async def serve(settings: Settings, corps: dict[str, Corp], stop: asyncio.Event,
     finally:
         await runner.cleanup()
         await ingest.stop()
-        await client.__aexit__(None, None, None)
+        await clients.__aexit__(None, None, None)

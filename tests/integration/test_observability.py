@@ -240,6 +240,11 @@ def test_every_panel_and_alert_query_returns_data_and_lag_matches_kafka(kafka_br
         for alert in observability.ALERTS:
             if observability.of_the_ingest(alert.expr):
                 continue
+            if alert.name == "TagstreamErasureOverdue":
+                # an erasure ten minutes overdue cannot be arranged in this run; its signal has
+                # data here (its panel, all zeros), and promtool's rule test makes it fire
+                # (deploy/prometheus/alerts_test.yml)
+                continue
             if _real_values(prometheus.query_range(alert.expr, started, end)) == 0:
                 empty.append(f"alert {alert.name}: {alert.expr}")
         assert not empty, "queries without data:\n" + "\n".join(empty)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,7 +43,7 @@ from tests.fake_wecom.api import FakeWeComApi, Staff
 from tests.fake_wecom.callbacks import CallbackSender
 from tests.fake_wecom.provider import FakeProvider
 from streams.sinks.reporting import CORP_HEADER
-from tests.integration.conftest import (IngestProcess, Pipeline, SinkProcess, WorkerProcess, assert_no_secret_exposed,
+from tests.integration.conftest import (REPO, IngestProcess, Pipeline, SinkProcess, WorkerProcess, assert_no_secret_exposed,
                                         wait_until)
 from tests.kafka_io import read_topic
 from tests.logs import kafka_partition
@@ -195,6 +197,26 @@ def test_fifty_corps_authorise_while_traffic_flows_and_three_that_cancel_are_era
     try:
         asyncio.run(run.traffic(seed=11))
         secrets += run.codes + list(provider.permanent_codes.values())
+        # the operator's tools serve the authorised corps too: a reconcile repairs a lost
+        # callback, `tagstream tag` tags through the suite, and a cancelled corp is refused
+        env = {**ingest.env, "TAGSTREAM_RECONCILE_STATE_DIR": str(tmp_path / "reconcile")}
+        repaired = []
+        for corp, how in ((STAYING[0], "reconcile"), (STAYING[1], "tag")):
+            customer = run.customers[corp][0]
+            tag = next(t for t in sorted(TAGS) if t not in fake.corps[corp].customers[customer].follows[USERID].tags)
+            repaired.append((corp, customer, tag))
+            if how == "reconcile":
+                run.staff.tag(corp, customer, USERID, add=[tag])       # its callback is lost
+                args = ["reconcile", "--corp", corp]
+            else:
+                args = ["tag", "--corp", corp, "--userid", USERID, "--customer", customer, "--add", tag]
+            done = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+        refused = subprocess.run([sys.executable, "-m", "streams.cli", "tag", "--corp", next(iter(CANCELLING)),
+                                  "--userid", USERID, "--customer", "wm1", "--add", "etA"], env=env, cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "has not authorised the suite" in refused.stderr.strip().splitlines()[-1]
         staying = {(c, customer) for c in STAYING for customer in fake.corps[c].customers}
 
         def events(topic: str) -> list[dict]:
@@ -204,6 +226,9 @@ def test_fifty_corps_authorise_while_traffic_flows_and_three_that_cancel_are_era
         refused_wanted = sum(len(c) for c in run.after_cancel.values())
         wait_until(lambda: metric(run.enrich_port, "tagstream_wecom_callbacks_enriched_total", outcome="refused")
                    >= refused_wanted, 60, "the cancelled corps' later callbacks to be refused", enrich)
+
+        wait_until(lambda: {(e["corp_id"], e["external_userid"], e["tag_id"]) for e in events("tag_events")
+                            if e["op"] == "add"} >= set(repaired), 60, "the reconciled and the tagged tag", enrich)
 
         # -- the 47 corps that stay: their reports are the reference model's -----------------
         contact_events, tag_events = events("contact_events"), events("tag_events")
