@@ -131,9 +131,10 @@ class RuleReplica:
         try:
             while True:
                 committed = await admin.list_consumer_group_offsets(self.group_id, partitions=list(unfolded))
-                lagging = {tp: committed[tp].offset if committed.get(tp) is not None else start[tp]
-                           for tp, offset in unfolded.items()
-                           if committed.get(tp) is None or committed[tp].offset < offset}
+                done = {tp: committed[tp].offset for tp in unfolded
+                        if committed.get(tp) is not None and committed[tp].offset >= 0}
+                lagging = {tp: max(done.get(tp, start[tp]), start[tp]) for tp, offset in unfolded.items()
+                           if done.get(tp, -1) < offset}
                 # the enrichment erases a corp's rules in transactions: a partition can end in a
                 # commit marker the fold never sees, so "committed up to the end" never comes
                 if not lagging or not await records_left(probe, lagging, unfolded):

@@ -117,7 +117,8 @@ def _file(path: Optional[str]) -> tuple[str, str]:
 # -- the command ----------------------------------------------------------------------------
 
 async def run_rules(args, settings: Settings) -> int:
-    console = Console(soft_wrap=False)
+    # a terminal's width; piped or redirected, wide enough that no column is cut
+    console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
     now_ms = int(time.time() * 1000)
     book, _ = await load_rule_book(settings)
     if args.action == "list":

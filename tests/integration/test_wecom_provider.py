@@ -156,6 +156,24 @@ class Run:
         wait_until(lambda: wanted in self.marketing.accepted, 90, f"{corp}'s first report", self.enrich)
 
 
+def deploy(pipeline: Pipeline, tmp_path: Path, rules: list, seed: int) -> tuple:
+    """The whole path on `pipeline`: the fake WeCom with its provider side, the local
+    Marketing API, a worker (with `rules` loaded), the ingest, the enrichment and the sink."""
+    fake = FakeWeComApi(seed=seed)
+    provider = FakeProvider(fake, SUITE_ID, SUITE[3])
+    wecom = ServerThread(fake).start()
+    marketing = MarketingApiServer(API_TOKEN)
+    api = ServerThread(marketing).start()
+    (tmp_path / "token").write_text(API_TOKEN)
+    overrides = {"wecom_api_base": f"{wecom.base_url}/cgi-bin/"}
+    worker = pipeline.start_worker()
+    worker.wait_for_rules(len(rules))
+    ingest = IngestProcess(pipeline, {}, tmp_path / "ingest.log", suite=SUITE, **overrides).start()
+    enrich = IngestProcess(pipeline, {}, tmp_path / "enrich.log", command="enrich", suite=SUITE, **overrides).start()
+    sink = SinkProcess(pipeline, api.base_url, tmp_path / "token", tmp_path / "sink.log").start()
+    return fake, provider, wecom, marketing, api, worker, ingest, enrich, sink
+
+
 def rocksdb_items(data_dir: Path):
     """Every (store, key, value) of every RocksDB database under `data_dir`."""
     for current in data_dir.rglob("CURRENT"):
@@ -180,18 +198,7 @@ def test_fifty_corps_authorise_while_traffic_flows_and_three_that_cancel_are_era
     pipeline.send(*[("tag_mappings", key, value) for key, value in rules])
     pipeline.send(*[("ad_clicks", f"{corp}:ad_{n}", {"click_id": f"clk-{n}", "click_time": now_ms})
                     for corp in CORPS for n in range(len(CORPS))])
-    fake = FakeWeComApi(seed=5)
-    provider = FakeProvider(fake, SUITE_ID, SUITE[3])
-    wecom = ServerThread(fake).start()
-    marketing = MarketingApiServer(API_TOKEN)
-    api = ServerThread(marketing).start()
-    (tmp_path / "token").write_text(API_TOKEN)
-    overrides = {"wecom_api_base": f"{wecom.base_url}/cgi-bin/"}
-    worker = pipeline.start_worker()
-    worker.wait_for_rules(len(rules))
-    ingest = IngestProcess(pipeline, {}, tmp_path / "ingest.log", suite=SUITE, **overrides).start()
-    enrich = IngestProcess(pipeline, {}, tmp_path / "enrich.log", command="enrich", suite=SUITE, **overrides).start()
-    sink = SinkProcess(pipeline, api.base_url, tmp_path / "token", tmp_path / "sink.log").start()
+    fake, provider, wecom, marketing, api, worker, ingest, enrich, sink = deploy(pipeline, tmp_path, rules, seed=5)
     run = Run(pipeline, ingest, enrich, provider, Staff(fake), marketing)
     secrets = list(SECRETS)
     try:
@@ -392,19 +399,8 @@ def test_kills_during_create_auth_and_during_an_erasure_lose_only_the_window_the
         "user_action_set_id": 14100, "effective_from": now_ms - 86_400_000, "version": 1, "action_type": None})
         for corp in corps for tag, name in TAGS.items()]
     pipeline.send(*[("tag_mappings", key, value) for key, value in rules])
-    fake = FakeWeComApi(seed=7)
-    provider = FakeProvider(fake, SUITE_ID, SUITE[3])
+    fake, provider, wecom, marketing, api, worker, ingest, enrich, sink = deploy(pipeline, tmp_path, rules, seed=7)
     staff = Staff(fake)
-    wecom = ServerThread(fake).start()
-    marketing = MarketingApiServer(API_TOKEN)
-    api = ServerThread(marketing).start()
-    (tmp_path / "token").write_text(API_TOKEN)
-    overrides = {"wecom_api_base": f"{wecom.base_url}/cgi-bin/"}
-    worker = pipeline.start_worker()
-    worker.wait_for_rules(len(rules))
-    ingest = IngestProcess(pipeline, {}, tmp_path / "ingest.log", suite=SUITE, **overrides).start()
-    enrich = IngestProcess(pipeline, {}, tmp_path / "enrich.log", command="enrich", suite=SUITE, **overrides).start()
-    sink = SinkProcess(pipeline, api.base_url, tmp_path / "token", tmp_path / "sink.log").start()
     supervisor = Supervisor(ingest=ingest, enrich=enrich, worker=worker, sink=sink)
     customers: dict[str, list[str]] = {corp: [] for corp in corps}
     secrets = list(SECRETS)
