@@ -334,7 +334,12 @@ class Enrichment:
                 return records[i:]
             except WeComError as exc:
                 if exc.errcode == CODE_REFUSED:
+                    # the corp's permanent code is refused: it cancelled (its cancel_auth may
+                    # still be on its way) or was reset. Refused like a cancelled corp's, not
+                    # dead-lettered: a dead letter would keep the data of a corp that left.
                     self._deactivate(callback.corp_id, out)
+                    metrics.WECOM_ENRICHED.labels("refused").inc()
+                    continue
                 metrics.WECOM_ENRICHED.labels("dead_lettered").inc()
                 rejection = Rejection("wecom_errcode", f"{exc.api}: errcode {exc.errcode} {exc.errmsg}".strip())
                 letter = rejection.dead_letter(topic=record.topic, partition=record.partition, offset=record.offset,
