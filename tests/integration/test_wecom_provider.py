@@ -174,6 +174,14 @@ def deploy(pipeline: Pipeline, tmp_path: Path, rules: list, seed: int) -> tuple:
     return fake, provider, wecom, marketing, api, worker, ingest, enrich, sink
 
 
+def undeploy(pipeline: Pipeline, wecom, api, *processes) -> None:
+    for process in processes:
+        process.stop()
+    pipeline.stop()
+    wecom.stop()
+    api.stop()
+
+
 def rocksdb_items(data_dir: Path):
     """Every (store, key, value) of every RocksDB database under `data_dir`."""
     for current in data_dir.rglob("CURRENT"):
@@ -312,11 +320,7 @@ def test_fifty_corps_authorise_while_traffic_flows_and_three_that_cancel_are_era
         assert metric(run.enrich_port, "tagstream_wecom_auth_commands_total", info_type="create_auth",
                       outcome="applied") == len(CORPS)
     finally:
-        for process in (ingest, enrich, sink):
-            process.stop()
-        pipeline.stop()
-        wecom.stop()
-        api.stop()
+        undeploy(pipeline, wecom, api, ingest, enrich, sink)
     # -- the worker's RocksDB stores, once it stopped: nothing of the cancelled corps -----
     items = list(rocksdb_items(Path(pipeline.settings.data_dir)))
     assert [1 for store, _, _ in items if store.startswith("partition-")], "no worker store found"
@@ -510,11 +514,7 @@ def test_kills_during_create_auth_and_during_an_erasure_lose_only_the_window_the
                                             pipeline.settings.metrics_port, sink.port], secrets + [API_TOKEN])
     finally:
         supervisor.stop()
-        for process in (ingest, enrich, sink):
-            process.stop()
-        pipeline.stop()
-        wecom.stop()
-        api.stop()
+        undeploy(pipeline, wecom, api, ingest, enrich, sink)
     items = list(rocksdb_items(Path(pipeline.settings.data_dir)))
     assert items and not [(store, key) for store, key, value in items if gone in key or gone in value]
     for name in ("ingest.log", "enrich.log", "sink.log", "worker-0.log"):
