@@ -37,7 +37,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from streams.kafka.admin import ensure_topics, topic_configs
 from streams.kafka.connection import start_client
 from streams.kafka.reads import reader
-from streams.rules.plan import format_ms
+from streams.replay.engine import format_time
 from tests.integration.conftest import KAFKA_SH, REPO, Pipeline
 
 PARTITIONS = 4
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         rows = []
         for _ in range(args.customers):
             customer = f"wwB:wm{rng.randrange(args.population):07d}"
-            flags = ["--from", format_ms(day_from), "--to", format_ms(day_from + DAY), "--json"]
+            flags = ["--from", format_time(day_from), "--to", format_time(day_from + DAY), "--json"]
             t0 = time.monotonic()
             run = subprocess.run([sys.executable, "-m", "streams.cli", "explain", customer, *flags], env=env,
                                  cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -62,23 +62,23 @@ def audit_record(corp_id: str, at_ms: int, component: str, topic: str, partition
                          "topic": topic, "partition": partition, "keys_erased": keys_erased})
 
 
-def fold_requests(erased: dict[str, int], value: Optional[bytes]) -> bool:
-    """Apply one erasures-topic record to `erased` (corp -> the request's time). Returns
-    whether it changed. Audit records and anything unreadable change nothing."""
+def fold_requests(erased: dict[str, int], value: Optional[bytes]) -> Optional[str]:
+    """Apply one erasures-topic record to `erased` (corp -> the request's time). Returns the
+    corp it changed, or None: audit records and anything unreadable change nothing."""
     try:
         record = orjson.loads(value) if value else None
     except orjson.JSONDecodeError:
-        return False
-    if not isinstance(record, dict) or not isinstance(record.get("corp_id"), str):
-        return False
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("corp_id"), str) or not record["corp_id"]:
+        return None
     corp_id, kind = record["corp_id"], record.get("kind")
     if kind == REQUESTED and erased.get(corp_id) != record.get("at"):
         erased[corp_id] = int(record.get("at") or 0)
-        return True
+        return corp_id
     if kind == REINSTATED and corp_id in erased:
         del erased[corp_id]
-        return True
-    return False
+        return corp_id
+    return None
 
 
 def corp_of_customer(key: str) -> str:

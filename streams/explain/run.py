@@ -21,7 +21,7 @@ from streams.kafka.connection import start_client
 from streams.kafka.reads import partitions_of, reader
 from streams.replay.engine import Replay, ReplaySummary
 from streams.replay.run import load_erased_corps, load_rule_book, plan_range, replay_topics
-from streams.rules.plan import format_ms
+from streams.replay.engine import format_time
 from streams.settings import ConfigError, Settings
 from streams.sinks.parking import ACKED, FAILED, SENDING, Parked, parse_state
 
@@ -75,7 +75,7 @@ async def _latest(consumer, topic: str, keys: set[str], since_ms: int) -> dict[s
 async def explain(settings: Settings, corp_id: str, external_userid: str, from_ms: int, to_ms: int) -> Explanation:
     erased = await load_erased_corps(settings)
     if corp_id in erased:
-        raise ConfigError(f"corp {corp_id} cancelled its authorisation and was erased at {format_ms(erased[corp_id])}: "
+        raise ConfigError(f"corp {corp_id} cancelled its authorisation and was erased at {format_time(erased[corp_id])}: "
                           "tagstream keeps nothing of it to explain")
     book, _ = await load_rule_book(settings)
     policy = ReportingPolicy.from_settings(settings)
@@ -108,7 +108,7 @@ async def run_explain(settings: Settings, target: str, from_ms: int, to_ms: int,
     if not (corp_id and sep and external_userid):
         raise ConfigError(f"{target!r}: give the customer as CORP:EXTERNAL_USERID, e.g. ww51a2:wmKx01")
     if from_ms >= to_ms:
-        raise ConfigError(f"--from {format_ms(from_ms)} is not before --to {format_ms(to_ms)}")
+        raise ConfigError(f"--from {format_time(from_ms)} is not before --to {format_time(to_ms)}")
     explanation = await explain(settings, corp_id, external_userid, from_ms, to_ms)
     print(orjson.dumps(explanation.as_dict(), option=orjson.OPT_INDENT_2).decode() if as_json else render(explanation))
     return 0

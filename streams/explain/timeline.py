@@ -25,7 +25,7 @@ from streams.core import semantics as sem
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import Event, ReportingPolicy, StepResult
 from streams.replay.engine import Output
-from streams.rules.plan import format_ms
+from streams.replay.engine import format_time
 
 
 def _duration(ms: int) -> str:
@@ -49,7 +49,7 @@ class Step:
     reports: list[dict] = field(default_factory=list)      # reports this step emitted for the customer
 
     def as_dict(self) -> dict:
-        return {"ts": self.ts, "time": format_ms(self.ts), "event_id": self.event_id, "kind": self.kind,
+        return {"ts": self.ts, "time": format_time(self.ts), "event_id": self.event_id, "kind": self.kind,
                 "what": self.what, "rule": self.rule, "outcome": self.outcome,
                 "standard_type": self.standard_type, "reason": self.reason, "reports": self.reports}
 
@@ -71,8 +71,8 @@ class Explanation:
         return [r for s in self.steps for r in s.reports] + self.released
 
     def as_dict(self) -> dict:
-        return {"customer": self.customer, "partition": self.partition, "from": format_ms(self.from_ms),
-                "to": format_ms(self.to_ms), "events": [s.as_dict() for s in self.steps],
+        return {"customer": self.customer, "partition": self.partition, "from": format_time(self.from_ms),
+                "to": format_time(self.to_ms), "events": [s.as_dict() for s in self.steps],
                 "released": self.released, "pending_holds": self.pending, "unreportable": self.unreportable,
                 "why": self.why, "blind_spot": self.blind_spot}
 
@@ -150,8 +150,8 @@ class Explainer(Output):
 
     def _duplicate(self, event: Event) -> str:
         first = self.seen_ids.get(event.event_id)
-        where = f"first applied at {format_ms(first)}" if first is not None else \
-            f"first applied before this range ({format_ms(self.from_ms)})"
+        where = f"first applied at {format_time(first)}" if first is not None else \
+            f"first applied before this range ({format_time(self.from_ms)})"
         return (f"duplicate: event id {event.event_id} was {where}, within the dedupe horizon "
                 f"({_duration(self.policy.dedupe_horizon)}); applied once")
 
@@ -161,9 +161,9 @@ class Explainer(Output):
             return self._duplicate(event)
         if outcome == sem.UNMAPPED:
             if rule is None:
-                return f"unmapped: tag {tag} had no rule at {format_ms(event.ts)}"
+                return f"unmapped: tag {tag} had no rule at {format_time(event.ts)}"
             return (f"unmapped: rule version {rule.version} of tag {tag} (effective "
-                    f"{format_ms(rule.effective_from)}) maps it to no type")
+                    f"{format_time(rule.effective_from)}) maps it to no type")
         mapped = f"rule version {rule.version} maps tag {tag} to {rule.standard_type}" if rule else ""
         if outcome == sem.REPORTED:
             return f"reported: {mapped}; the first {standard_type} of this customer, sent at once"
@@ -172,8 +172,8 @@ class Explainer(Output):
                     f"wechat_openid with the app id) yet; it went to the unreportable topic")
         if outcome == sem.ALREADY_REPORTED:
             earlier = next((s for s in self.steps if s.standard_type == standard_type and s.outcome == sem.REPORTED), None)
-            when = (f"by event {earlier.event_id} at {format_ms(earlier.ts)}" if earlier else
-                    f"before this range ({format_ms(self.from_ms)}): widen --from to see when")
+            when = (f"by event {earlier.event_id} at {format_time(earlier.ts)}" if earlier else
+                    f"before this range ({format_time(self.from_ms)}): widen --from to see when")
             return f"not reported again: {mapped}; {standard_type} was already reported {when} (once per type)"
         if outcome == sem.HELD:
             deadline = event.ts + self.policy.delay_hold
@@ -185,7 +185,7 @@ class Explainer(Output):
                 window = (f"; the ORDER came {_duration(event.ts - add)} after the add time, past the "
                           f"{_duration(self.policy.order_window)} window, so it is LONG_TERM" if add is not None
                           else "; the ORDER came past the window after an add time before this range: LONG_TERM")
-            return (f"held: {mapped}{window}; {standard_type} is reported at {format_ms(deadline)} "
+            return (f"held: {mapped}{window}; {standard_type} is reported at {format_time(deadline)} "
                     f"({_duration(self.policy.delay_hold)} later) unless every supporting tag is removed first")
         if outcome == sem.HOLD_JOINED:
             return f"joined the running {standard_type} hold: {mapped}; it now has one more supporting tag"
@@ -203,13 +203,13 @@ class Explainer(Output):
         delivery = delivery or {}
         for report in [r for s in self.steps for r in s.reports] + self.released:
             report["delivery"] = delivery.get(report["outer_action_id"], {"state": "not yet sent"})
-        pending = [{**hold, "time": format_ms(hold["deadline"])} for hold in self.holds.values()]
+        pending = [{**hold, "time": format_time(hold["deadline"])} for hold in self.holds.values()]
         return Explanation(f"{self.corp_id}:{self.external_userid}", partition if self.partition < 0 else self.partition,
                            self.from_ms, self.to_ms, self.steps, self.released, pending, self.unreportable_reports,
                            self._why(), self._blind_spot())
 
     def _blind_spot(self) -> str:
-        return (f"Events before {format_ms(self.from_ms)} were not read: a type reported earlier, an identity or "
+        return (f"Events before {format_time(self.from_ms)} were not read: a type reported earlier, an identity or "
                 f"add time learned earlier, or an event id seen earlier (within {_duration(self.policy.dedupe_horizon)}) "
                 "would change these outcomes. Widen --from to include them.")
 
@@ -221,16 +221,16 @@ class Explainer(Output):
             if report is not None:
                 state = report.get("delivery", {}).get("state", "not yet sent")
                 why[standard_type] = (f"reported ({report['mode']}) for tag {report['tag_id']} at "
-                                      f"{format_ms(report['event_ts'])}, event {report['source_event_id']}; "
+                                      f"{format_time(report['event_ts'])}, event {report['source_event_id']}; "
                                       f"delivery: {state}")
             elif standard_type in self.holds:
                 hold = self.holds[standard_type]
-                why[standard_type] = f"held since {format_ms(hold['since'])}; due at {format_ms(hold['deadline'])}"
+                why[standard_type] = f"held since {format_time(hold['since'])}; due at {format_time(hold['deadline'])}"
             elif any(r["standard_type"] == standard_type for r in self.unreportable_reports):
                 why[standard_type] = "not reported: the customer had no user identity when it came (unreportable)"
             elif any(s.outcome == sem.CANCELLED for s in steps):
                 cancel = next(s for s in steps if s.outcome == sem.CANCELLED)
-                why[standard_type] = f"held, then cancelled at {format_ms(cancel.ts)} ({cancel.what})"
+                why[standard_type] = f"held, then cancelled at {format_time(cancel.ts)} ({cancel.what})"
             elif any(s.outcome == sem.ALREADY_REPORTED for s in steps):
                 why[standard_type] = "reported before this range; not again (once per type)"
             elif standard_type in DELAYED_TYPES and any(s.outcome in (sem.HELD, sem.HOLD_JOINED) for s in steps):
@@ -249,12 +249,12 @@ def render(explanation: Explanation) -> str:
     """The timeline as text, ending with the why (not) paragraph."""
     e = explanation
     if not e.steps:
-        return f"{e.customer}: no events between {format_ms(e.from_ms)} and {format_ms(e.to_ms)} (partition {e.partition})"
-    lines = [f"{e.customer} (partition {e.partition}), {format_ms(e.from_ms)} to {format_ms(e.to_ms)}: "
+        return f"{e.customer}: no events between {format_time(e.from_ms)} and {format_time(e.to_ms)} (partition {e.partition})"
+    lines = [f"{e.customer} (partition {e.partition}), {format_time(e.from_ms)} to {format_time(e.to_ms)}: "
              f"{len(e.steps)} events"]
     for s in e.steps:
         rule = f" [rule v{s.rule['version']}]" if s.rule else ""
-        lines.append(f"  {format_ms(s.ts)}  {s.what:<28}{rule}  {s.outcome}")
+        lines.append(f"  {format_time(s.ts)}  {s.what:<28}{rule}  {s.outcome}")
         lines.append(f"      {s.reason}")
         for r in s.reports:
             lines.append(f"      -> {r['standard_type']} {r['mode']} {r['outer_action_id'][:12]}…  "

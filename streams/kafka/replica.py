@@ -106,7 +106,7 @@ class ErasureRequests(CompactedReplica):
     def __init__(self, settings: Settings, client_id: str):
         super().__init__(settings, settings.topic("wecom_erasures_topic"), client_id)
         self.erased: dict[str, int] = {}
-        self.erased_bytes: frozenset = frozenset()     # the same corps as bytes, for record keys
+        self.erased_bytes: set[bytes] = set()     # the same corps as bytes, for record keys
         self.version = 0
         self.unapplied: dict[str, int] = {}     # requests learned since the component last applied all
         self.ready = asyncio.Event()
@@ -122,10 +122,16 @@ class ErasureRequests(CompactedReplica):
         self.ready.set()
 
     def apply(self, key: str, value: Optional[bytes]) -> None:
-        if fold_requests(self.erased, value):
-            self.erased_bytes = frozenset(corp.encode() for corp in self.erased)
-            self.version += 1
-            self.unapplied.update({corp: at for corp, at in self.erased.items() if corp == key})
+        corp = fold_requests(self.erased, value)
+        if corp is None:
+            return
+        self.version += 1
+        if corp in self.erased:
+            self.erased_bytes.add(corp.encode())
+            self.unapplied[corp] = self.erased[corp]
+        else:
+            self.erased_bytes.discard(corp.encode())
+            self.unapplied.pop(corp, None)
 
     def applied(self, version: int) -> None:
         """The component has applied every request up to `version`."""

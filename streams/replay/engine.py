@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime, timezone
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
@@ -157,6 +158,11 @@ class Replay:
         self.summary.events += 1
         if self.progress:
             self.progress.advance()
+
+
+def format_time(ms: int) -> str:
+    """Epoch ms as ISO-8601 UTC to the second (`2026-12-01T00:00:00Z`)."""
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _now_ms() -> int:

@@ -36,7 +36,7 @@ from streams.core.rulebook import RuleBook
 from streams.core.semantics import ReportingPolicy
 from streams.replay.archive import archive_line, open_archive, read_archives
 from streams.replay.engine import (
-    RULE, SOURCES, TOPIC_SETTING, InputRecord, Output, Replay, ReplaySummary)
+    RULE, SOURCES, TOPIC_SETTING, InputRecord, Output, Replay, ReplaySummary, format_time)
 from streams.settings import ConfigError, Settings
 
 def parse_time(flag: str, text: str) -> int:
@@ -49,10 +49,6 @@ def parse_time(flag: str, text: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return int(moment.timestamp() * 1000)
-
-
-def format_time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 

@@ -37,6 +37,7 @@ import yaml
 
 from schemas.records import STANDARD_TYPES, ReportingRule
 from streams.core.rulebook import RuleBook
+from streams.replay.engine import format_time
 
 COLUMNS = ("corp_id", "tag", "standard_type", "account_id", "user_action_set_id", "action_type", "effective_from")
 #: an `effective_from` this far before the plan's `now` still counts as now (a file written
@@ -167,10 +168,6 @@ def parse_time_ms(text: object, now_ms: int) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def format_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _text(fields: Mapping[str, object], name: str) -> str:
     value = fields.get(name)
     return "" if value is None else str(value).strip()
@@ -255,9 +252,9 @@ def plan_import(rows: Iterable[Row], catalogue: Catalogue, book: RuleBook, now_m
             if retroactive:
                 plan.retroactive_from = min(effective_from, plan.retroactive_from or effective_from)
             else:
-                errors.append(f"effective_from {format_ms(effective_from)} is in the past: live processing has "
+                errors.append(f"effective_from {format_time(effective_from)} is in the past: live processing has "
                               f"passed it; import with --retroactive, then replay the range it changes "
-                              f"(tagstream replay --from {format_ms(effective_from)} --to {format_ms(now_ms)})")
+                              f"(tagstream replay --from {format_time(effective_from)} --to {format_time(now_ms)})")
         if corp_id and tag_id:
             earlier = first_line.setdefault((corp_id, tag_id), row.line)
             if earlier != row.line:
@@ -290,9 +287,9 @@ def plan_unmap(corp_id: str, tag_id: str, from_ms: int, catalogue: Catalogue, bo
         return plan
     if from_ms < now_ms - PAST_GRACE_MS:
         if not retroactive:
-            plan.errors.append(LineError(0, f"--from {format_ms(from_ms)} is in the past: live processing has passed "
+            plan.errors.append(LineError(0, f"--from {format_time(from_ms)} is in the past: live processing has passed "
                                             f"it; add --retroactive, then replay the range it changes (tagstream "
-                                            f"replay --from {format_ms(from_ms)} --to {format_ms(now_ms)})"))
+                                            f"replay --from {format_time(from_ms)} --to {format_time(now_ms)})"))
             return plan
         plan.retroactive_from = from_ms
     rule = ReportingRule(corp_id=corp_id, tag_id=tag_id, standard_type=None, effective_from=from_ms,

@@ -27,7 +27,8 @@ from schemas.records import ReportingRule
 from streams.kafka.connection import producer_kwargs, start_client
 from streams.kafka.reads import read_compacted
 from streams.replay.run import load_rule_book, parse_time
-from streams.rules.plan import (Catalogue, Plan, RulesFileError, format_ms, plan_import, plan_unmap, read_rows,
+from streams.replay.engine import format_time
+from streams.rules.plan import (Catalogue, Plan, RulesFileError, plan_import, plan_unmap, read_rows,
                                 rules_as_of)
 from streams.settings import ConfigError, Settings
 
@@ -62,7 +63,7 @@ def rules_table(title: str, rules: list[ReportingRule]) -> Table:
         table.add_column(column, justify="right" if column in ("account", "action set", "version") else "left")
     for r in rules:
         table.add_row(r.corp_id, r.tag_id, _cell(r.tag_name), r.standard_type or "unmapped", _cell(r.account_id),
-                      _cell(r.user_action_set_id), _cell(r.action_type), format_ms(r.effective_from), str(r.version))
+                      _cell(r.user_action_set_id), _cell(r.action_type), format_time(r.effective_from), str(r.version))
     return table
 
 
@@ -93,9 +94,9 @@ def _show_plan(plan: Plan, verb: str, as_json: bool, console: Console) -> None:
     console.print(f"{len(plan.versions)} new version(s) {verb}; {plan.unchanged} line(s) equal to a version "
                   "already there")
     if plan.retroactive_from is not None:
-        console.print(f"retroactive: events since {format_ms(plan.retroactive_from)} were reported by the old "
+        console.print(f"retroactive: events since {format_time(plan.retroactive_from)} were reported by the old "
                       f"versions; to apply these to them, run\n  tagstream replay --from "
-                      f"{format_ms(plan.retroactive_from)} --to {format_ms(int(time.time() * 1000))}")
+                      f"{format_time(plan.retroactive_from)} --to {format_time(int(time.time() * 1000))}")
 
 
 def _key(text: Optional[str]) -> tuple[str, str]:
@@ -127,7 +128,7 @@ async def run_rules(args, settings: Settings) -> int:
         if args.json:
             print(orjson.dumps(_wire(rules), option=orjson.OPT_INDENT_2).decode())
         else:
-            console.print(rules_table(f"rules in force at {format_ms(as_of)}: {len(rules)}", rules))
+            console.print(rules_table(f"rules in force at {format_time(as_of)}: {len(rules)}", rules))
         return 0
     if args.action == "history":
         corp_id, tag_id = _key(args.target)

@@ -14,7 +14,7 @@ import time
 import orjson
 
 from schemas.records import REALTIME_TYPES
-from streams.rules.plan import format_ms
+from streams.replay.engine import format_time
 from tests.integration.conftest import REPO, Pipeline
 from tests.logs import kafka_partition
 from tests.reference_model import reference_reports
@@ -44,7 +44,7 @@ def test_a_thousand_named_rows_publish_versions_the_worker_reports_by(kafka_brok
     types = sorted(REALTIME_TYPES)
     effective = int(time.time() * 1000) + 120_000          # two minutes ahead: no --retroactive needed
     lines = ["corp_id,tag,standard_type,account_id,user_action_set_id,action_type,effective_from"]
-    lines += [f"{corp},标签{n:03d},{types[n % len(types)].lower()},{5000 + i},{15000 + i},,{format_ms(effective)}"
+    lines += [f"{corp},标签{n:03d},{types[n % len(types)].lower()},{5000 + i},{15000 + i},,{format_time(effective)}"
               for i, corp in enumerate(CORPS) for n in range(TAGS_PER_CORP)]
     mappings = tmp_path / "mappings.csv"
     mappings.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -90,13 +90,13 @@ def test_a_thousand_named_rows_publish_versions_the_worker_reports_by(kafka_brok
 
         # unmap, list and history see the versions
         key = f"{CORPS[0]}:et{CORPS[0][-2:]}000"
-        unmapped = tagstream(pipeline, "unmap", key, "--from", format_ms(effective + 3_600_000), "--json")
+        unmapped = tagstream(pipeline, "unmap", key, "--from", format_time(effective + 3_600_000), "--json")
         assert unmapped.returncode == 0, unmapped.stderr
         assert [(r["standard_type"], r["version"]) for r in orjson.loads(unmapped.stdout)["published"]] == [(None, 2)]
         history = orjson.loads(tagstream(pipeline, "history", key, "--json").stdout)
         assert [(r["version"], r["standard_type"]) for r in history] == [(1, types[0]), (2, None)]
         listed = orjson.loads(tagstream(pipeline, "list", "--corp", CORPS[0], "--as-of",
-                                        format_ms(effective + 7_200_000), "--json").stdout)
+                                        format_time(effective + 7_200_000), "--json").stdout)
         assert len(listed) == TAGS_PER_CORP and [r["standard_type"] for r in listed if r["tag_id"].endswith("000")] == [None]
         table = tagstream(pipeline, "history", key)
         assert table.returncode == 0 and "unmapped" in table.stdout and "标签000" in table.stdout

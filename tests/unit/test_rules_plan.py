@@ -9,7 +9,8 @@ import pytest
 
 from schemas.records import ReportingRule
 from streams.core.rulebook import RuleBook
-from streams.rules.plan import (Catalogue, RulesFileError, format_ms, plan_import, plan_unmap, read_rows,
+from streams.replay.engine import format_time
+from streams.rules.plan import (Catalogue, RulesFileError, plan_import, plan_unmap, read_rows,
                                 rules_as_of)
 
 NOW = 1_796_000_000_000          # 2026-11-30
@@ -45,7 +46,7 @@ def test_names_and_ids_resolve_and_each_line_becomes_a_new_version():
     got = [(r.corp_id, r.tag_id, r.standard_type, r.version, r.tag_name, r.action_type) for r in plan.versions]
     assert got == [("ww1", "etA", "VALID", 5, "核心", None), ("ww1", "etB", "VALID", 1, "高意向", None),
                    ("ww1", "etC", "ORDER", 1, "已加群", "COMPLETE_ORDER"), ("ww2", "etA", "LEAD", 1, "核心", None)]
-    assert format_ms(plan.versions[0].effective_from) == "2026-11-30T16:00:00Z" and plan.versions[2].effective_from == NOW
+    assert format_time(plan.versions[0].effective_from) == "2026-11-30T16:00:00Z" and plan.versions[2].effective_from == NOW
 
 
 def test_importing_the_same_file_again_plans_nothing():
@@ -87,7 +88,7 @@ def test_the_past_is_allowed_with_retroactive_and_the_plan_names_the_earliest_mo
            "ww9,etZ,VALID,1,2,2026-01-01\nww9,etY,VALID,1,2,2026-02-01\n"
     plan = plan_import(read_rows(text, "r.csv"), catalogue(), book(), NOW, retroactive=True)
     assert plan.ok and [r.tag_id for r in plan.versions] == ["etZ", "etY"]     # ids as they are
-    assert format_ms(plan.retroactive_from) == "2026-01-01T00:00:00Z"
+    assert format_time(plan.retroactive_from) == "2026-01-01T00:00:00Z"
 
 
 def test_yaml_rows_carry_their_line_numbers():
