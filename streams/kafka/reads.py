@@ -20,12 +20,14 @@ if TYPE_CHECKING:
     from streams.settings import Settings
 
 
-def reader(settings: "Settings") -> AIOKafkaConsumer:
+def reader(settings: "Settings", fetch_max_wait_ms: int = 500) -> AIOKafkaConsumer:
     """A consumer with no group (it never moves anyone's offsets) that sees committed records
-    only: for the operator tools, replay and restores."""
+    only: for the operator tools, replay and restores. A reader that moves between
+    partitions many times (`tagstream explain`'s session) waits out its last fetch at each
+    move, so it asks for a shorter `fetch_max_wait_ms`."""
     return AIOKafkaConsumer(**client_kwargs(settings), group_id=None,
                             enable_auto_commit=False, isolation_level="read_committed",
-                            max_partition_fetch_bytes=4 * 1024 * 1024)
+                            max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=fetch_max_wait_ms)
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:

@@ -110,13 +110,15 @@ class RangePlan:
 
 
 async def plan_range(consumer: AIOKafkaConsumer, settings: Settings, from_ms: int, to_ms: int,
-                     only: Optional[set[int]] = None) -> RangePlan:
+                     only: Optional[set[int]] = None, known: Optional[dict[str, list[int]]] = None) -> RangePlan:
     """Offsets of [from, to) on both event topics, with offsets_for_times; with `only`, of
-    those partition numbers alone (`tagstream explain` reads one customer's)."""
+    those partition numbers alone (`tagstream explain` reads one customer's). `known` holds
+    topics' partition numbers the caller has already asked for."""
     tps = []
     for source in SOURCES:
         topic = settings.topic(TOPIC_SETTING[source])
-        partitions = [p for p in await partitions_of(consumer, topic) if only is None or p in only]
+        numbers = (known or {}).get(topic) or await partitions_of(consumer, topic)
+        partitions = [p for p in numbers if only is None or p in only]
         if not partitions:
             if settings.sasl_username:     # Kafka hides a topic the user may not Describe
                 raise ConfigError(f"topic {topic} does not exist or user {settings.sasl_username!r} may not "

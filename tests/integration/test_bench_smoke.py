@@ -66,3 +66,14 @@ def test_ingest_benchmark_answers_callbacks_and_times_tag_to_report(kafka_broker
     assert ("callback sent", "report emitted") in stages and ("tag event written", "report emitted (worker)") in stages, \
         run.stdout
 
+
+def test_explain_benchmark_explains_customers_beside_the_whole_partition_baseline(kafka_broker):
+    run = subprocess.run([sys.executable, "-m", "bench.explain", "--events", "20000", "--days", "3",
+                          "--customers", "2", "--population", "2000"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| wwB:")]
+    assert len(rows) == 2
+    for row in rows:
+        day, whole = int(row[1]), int(row[2])
+        assert whole >= day and whole > 0, row       # a customer of 2,000 in 20,000 events has some

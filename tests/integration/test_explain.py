@@ -3,9 +3,12 @@
 - Customers built to hit each outcome of SPEC §4 get the right outcome for each event, equal
   to the reference model's, each in words, and each report's delivery state: acked, failed
   with the API's answer, parked, or not yet sent; a customer with no events is one line.
+- For every customer of a generated log (500) the live worker processed, explain's reports
+  equal what the worker emitted for each of them.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -13,8 +16,9 @@ import time
 
 import orjson
 
+from streams.explain.run import Explaining
 from tests.integration.conftest import REPO, Pipeline, SinkProcess, wait_until
-from tests.logs import kafka_partition
+from tests.logs import generate_log, kafka_partition
 from tests.marketing_api_server import Faults, MarketingApiServer, ServerThread
 from tests.reference_model import outer_action_id, reference_reports
 
@@ -102,3 +106,45 @@ def test_each_outcome_is_explained_with_its_reason_and_delivery_state(kafka_brok
         sink.stop()
         pipeline.stop()
         api.stop()
+
+
+#: customers explained one by one, in one session (each reads its partition's range)
+CUSTOMERS = int(os.environ.get("TAGSTREAM_EXPLAIN_CUSTOMERS", "500"))
+
+
+def test_explain_agrees_with_what_the_live_worker_emitted_for_every_customer(kafka_broker, tmp_path):
+    log = generate_log(7, customers=CUSTOMERS, events=12 * CUSTOMERS, corp="wwX")
+    pipeline = Pipeline(tmp_path, partitions=PARTITIONS)
+    pipeline.create_topics()
+    pipeline.send(*[("tag_mappings", key, value) for key, value in log["rules"]])
+    worker = pipeline.start_worker()
+    try:
+        worker.wait_for_rules(len(log["rules"]))
+        pipeline.send(*[("tag_events" if "op" in e else "contact_events", f"wwX:{e['external_userid']}", e)
+                        for e in log["events"]])
+        wait_until(lambda: worker.events_applied() >= len(log["events"]), 120, "the worker to apply the log", worker)
+        time.sleep(3)                               # idle: the worker lets go of due holds
+        emitted: dict[str, list] = {}
+        for topic in ("conversion_reports", "unreportable"):
+            for record in pipeline.read(topic, timeout=2):
+                report = orjson.loads(record.value)
+                emitted.setdefault(report["external_userid"], []).append(report["outer_action_id"])
+        assert sum(map(len, emitted.values())) > CUSTOMERS // 2
+        from_ms, to_ms = int(time.time() * 1000) - DAY, int(time.time() * 1000) + MIN
+
+        async def all_of_them() -> dict[str, list]:
+            explained = {}
+            async with Explaining(pipeline.settings) as session:
+                for user in sorted({e["external_userid"] for e in log["events"]}):
+                    e = await asyncio.wait_for(session.explain("wwX", user, from_ms, to_ms), 30)
+                    explained[user] = [r["outer_action_id"] for r in e.reports()] + \
+                        [r["outer_action_id"] for r in e.unreportable]
+            return explained
+        started = time.monotonic()
+        explained = asyncio.run(all_of_them())
+        print(f"explained {len(explained)} customers in {time.monotonic() - started:.1f} s")
+        assert len(explained) == CUSTOMERS
+        for user, ids in explained.items():
+            assert sorted(ids) == sorted(emitted.get(user, [])), user
+    finally:
+        pipeline.stop()
