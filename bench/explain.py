@@ -31,11 +31,11 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from streams.explain.run import explain, partition_of
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from streams.explain.run import explain, partition_of
 from streams.kafka.admin import ensure_topics, topic_configs
-from streams.kafka.connection import start_client
+from streams.kafka.connection import client_kwargs, start_client
 from streams.kafka.reads import reader
 from streams.replay.engine import format_time
 from tests.integration.conftest import KAFKA_SH, REPO, Pipeline
@@ -47,12 +47,16 @@ TYPES = ["VALID", "LEAD", "CONSULT", "ORDER", "INVALID", None]
 
 
 async def produce_history(pipeline: Pipeline, events: int, days: int, customers: int, seed: int) -> int:
-    """The rules and `events` events over `days` days ending now; returns the first ts."""
+    """The rules and `events` events over `days` days ending now; returns the first ts.
+    Records go out in batches built per partition (`create_batch`, the partition the
+    default partitioner would pick): 10 million one `send` at a time would take most of an
+    hour in Python."""
     s = pipeline.settings
     rng = random.Random(seed)
     end = int(time.time() * 1000) - 60_000
     start = end - days * DAY
-    producer = AIOKafkaProducer(bootstrap_servers=s.broker, linger_ms=20, max_batch_size=512 * 1024, acks=1)
+    producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=20, max_batch_size=1024 * 1024, acks=1,
+                                max_request_size=2 * 1024 * 1024)
     await start_client(producer)
     try:
         for n, tag in enumerate(TAGS):
@@ -60,30 +64,45 @@ async def produce_history(pipeline: Pipeline, events: int, days: int, customers:
                      "account_id": 7000, "user_action_set_id": 17000, "effective_from": start - DAY, "version": 1,
                      "action_type": None}
             await producer.send(s.topic("tag_mappings_topic"), key=f"wwB:{tag}".encode(), value=orjson.dumps(value))
+        contacts, tags = s.topic("contact_events_topic"), s.topic("tag_events_topic")
+        batches: dict[tuple[str, int], object] = {}
+        sent: list = []
+
+        async def flush(topic: str, partition: int) -> None:
+            sent.append(await producer.send_batch(batches.pop((topic, partition)), topic, partition=partition))
+            if len(sent) >= 64:
+                await asyncio.gather(*sent)
+                sent.clear()
+
         seen: set[int] = set()
         step = (end - start) / events
-        pending = []
         for i in range(events):
             ts = int(start + i * step)
             who = rng.randrange(customers)
-            key = f"wwB:wm{who:07d}"
+            user = f"wm{who:07d}"
+            key = f"wwB:{user}".encode()
             if who not in seen:
                 seen.add(who)
-                topic, value = s.topic("contact_events_topic"), {
-                    "event_id": f"c{i}", "corp_id": "wwB", "external_userid": f"wm{who:07d}", "userid": "s1",
-                    "change_type": "add_external_contact", "ts": ts, "wechat_app_id": "wx1",
-                    "wechat_unionid": f"u{who}"}
+                topic, value = contacts, {
+                    "event_id": f"c{i}", "corp_id": "wwB", "external_userid": user, "userid": "s1",
+                    "change_type": "add_external_contact", "ts": ts, "wechat_app_id": "wx1", "wechat_unionid": f"u{who}"}
             else:
-                topic, value = s.topic("tag_events_topic"), {
-                    "event_id": f"e{i}", "corp_id": "wwB", "external_userid": f"wm{who:07d}", "userid": "s1",
+                topic, value = tags, {
+                    "event_id": f"e{i}", "corp_id": "wwB", "external_userid": user, "userid": "s1",
                     "tag_id": rng.choice(TAGS), "op": "add" if rng.random() < 0.8 else "remove", "ts": ts}
-            pending.append(await producer.send(topic, key=key.encode(), value=orjson.dumps(value), timestamp_ms=ts))
-            if len(pending) >= 20_000:
-                await asyncio.gather(*pending)
-                pending = []
-                if i % 1_000_000 < 20_000:
-                    print(f"  produced {i + 1:,} of {events:,}", file=sys.stderr, flush=True)
-        await asyncio.gather(*pending)
+            partition = partition_of(key.decode(), PARTITIONS)
+            batch = batches.get((topic, partition))
+            if batch is None:
+                batch = batches[(topic, partition)] = producer.create_batch()
+            if batch.append(timestamp=ts, key=key, value=orjson.dumps(value)) is None:     # full
+                await flush(topic, partition)
+                batch = batches[(topic, partition)] = producer.create_batch()
+                batch.append(timestamp=ts, key=key, value=orjson.dumps(value))
+            if i % 1_000_000 == 999_999:
+                print(f"  produced {i + 1:,} of {events:,}", file=sys.stderr, flush=True)
+        for topic, partition in list(batches):
+            await flush(topic, partition)
+        await asyncio.gather(*sent)
     finally:
         await producer.stop()
     return start
@@ -93,7 +112,7 @@ async def create_event_topics_without_retention(pipeline: Pipeline) -> None:
     """The two event topics as tagstream creates them, but kept forever: a history older
     than the broker's 7-day default would be deleted as it is written."""
     s = pipeline.settings
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker)
+    admin = AIOKafkaAdminClient(**client_kwargs(s))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(s.topic(name), PARTITIONS, 1, topic_configs=

@@ -13,6 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.protocol.metadata import MetadataRequest
 
 from streams.kafka.connection import client_kwargs, start_client
 
@@ -31,9 +32,18 @@ def reader(settings: "Settings", fetch_max_wait_ms: int = 500) -> AIOKafkaConsum
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    """The topic's partition numbers (empty if it does not exist), from fresh metadata."""
-    cluster = await consumer._client.fetch_all_metadata()        # noqa: SLF001 (no public call returns it)
-    return sorted(cluster.partitions_for_topic(topic) or ())
+    """The topic's partition numbers (empty if it does not exist, or may not be described),
+    from fresh metadata of that topic alone, never creating it. (Metadata of every topic
+    took 50 ms on a broker of 1,600 topics, and tagstream explain asked it seven times.)"""
+    client = consumer._client                                    # noqa: SLF001 (no public call returns it)
+    response = await client.send(client.get_random_node(), MetadataRequest([topic], allow_auto_topic_creation=False))
+    for described in response.topics:              # (error_code, name, [is_internal,] partitions)
+        if described[1] == topic and described[0] == 0:
+            # the client tracks it from now: its first offsets question would otherwise find
+            # no leader, refresh and sleep retry_backoff_ms (100 ms per topic) before asking
+            await client.add_topic(topic)
+            return sorted(partition[1] for partition in described[-1])
+    return []
 
 
 async def read_whole(consumer: AIOKafkaConsumer, topic: str, on_record) -> None:
@@ -64,13 +74,20 @@ async def read_compacted(settings: "Settings", topic: str) -> dict[str, bytes]:
 async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], on_record: Callable,
                       max_records: int = 10_000) -> None:
     """Every record of `tps`, from their start to their end as of the call, to `on_record`,
-    in offset order per partition. The consumer's assignment becomes `tps`."""
+    in offset order per partition. The consumer's assignment becomes the partitions of
+    `tps` that hold records: both ends are asked before it, and an empty partition is never
+    fetched (`seek_to_beginning` after `assign` waited out a fetch per call: a rules topic
+    of 12 partitions, 20 records in a few of them, took 2.0 s to read, 0.1 s after this)."""
     if not tps:
         return
     ends = await consumer.end_offsets(tps)
-    consumer.assign(tps)
-    await consumer.seek_to_beginning(*tps)
-    todo = {tp for tp in tps if ends[tp] > 0}
+    starts = await consumer.beginning_offsets(tps)
+    todo = {tp for tp in tps if ends[tp] > starts[tp]}
+    if not todo:
+        return
+    consumer.assign(sorted(todo))
+    for tp in todo:
+        consumer.seek(tp, starts[tp])
     while todo:
         batches = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
         for batch in batches.values():
