@@ -315,6 +315,22 @@ class ReportingEngine:
         self._count_holds(partition, clock, result)
         return result
 
+    def on_time(self, partition: int, ts: int, now_ms: int) -> StepResult:
+        """What another customer's event at `ts` does to a reader that follows one customer
+        (`tagstream explain`): it moves the partition's stream time, and releases the holds
+        due by it, as `on_event` does before it applies an event; the event itself is not
+        applied. The followed customer's outcomes are those of `on_event` for every event:
+        nothing else of another customer's event touches them (its ids and state are its
+        own), and the holds in the store are the followed customer's alone."""
+        result = StepResult()
+        clock = self.store.clock(partition)
+        if ts > clock.stream_time:
+            clock.stream_time = ts
+            self._release_due(partition, clock, clock.stream_time, result, now_ms)
+            clock.held += result.holds_delta
+            self.store.put_clock(partition, clock)
+        return result
+
     def on_idle(self, partition: int, wall_ms: int, now_ms: int) -> StepResult:
         """Live mode: release holds whose deadline passed `idle_grace` ago in wall-clock
         time, so an idle partition still flushes. Stream time does not move."""

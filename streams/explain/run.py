@@ -119,7 +119,7 @@ class Explaining:
         plan = await plan_range(offsets, settings, from_ms, to_ms, only={partition}, known=self.known)
         explainer = Explainer(corp_id, external_userid, self.book, self.policy, from_ms, to_ms)
         replay = Replay(self.book, self.policy, explainer, ReplaySummary(), max_future_skew_ms=settings.max_future_skew,
-                        observer=explainer.observe)
+                        observer=explainer.observe, follow=explainer.key)
         await replay_topics(settings, replay, plan, consumer, from_ms, to_ms)
         replay.finish(idle_at=int(time.time() * 1000))      # what a live worker, idle now, has let go
         oids = {r["outer_action_id"] for r in explainer.reports_in_order()}

@@ -22,11 +22,14 @@ PARTITIONS = 4
 DAY, MIN = 86_400_000, 60_000
 
 
-def explain(book: RuleBook, events: list[dict], corp: str, user: str, idle_at: int):
-    """The explanation of one customer from the events of its partition, as `run` feeds them."""
+def explain(book: RuleBook, events: list[dict], corp: str, user: str, idle_at: int, follow: bool = True):
+    """The explanation of one customer from the events of its partition, as `run` feeds them
+    (following the customer: other customers' events only move stream time); with
+    `follow=False`, every event of the partition is applied."""
     explainer = Explainer(corp, user, book, POLICY, 0, idle_at)
     partition = kafka_partition(f"{corp}:{user}", PARTITIONS)
-    replay = Replay(book, POLICY, explainer, ReplaySummary(), observer=explainer.observe)
+    replay = Replay(book, POLICY, explainer, ReplaySummary(), observer=explainer.observe,
+                    follow=explainer.key if follow else None)
     offsets = {TAG: 0, CONTACT: 0}
     for body in events:
         key = f"{body['corp_id']}:{body['external_userid']}"
@@ -60,6 +63,33 @@ def test_outcomes_and_reports_equal_the_reference_models_for_every_customer_look
             without_delivery = ({k: v for k, v in r.items() if k != "delivery"} for r in e.reports())
             assert canonical(without_delivery) == canonical(r for r in reports if r["external_userid"] == user)
             assert canonical(e.unreportable) == canonical(r for r in unreportable if r["external_userid"] == user)
+
+
+def test_following_one_customer_explains_it_as_applying_every_event_does():
+    """Other customers' events only move stream time (ReportingEngine.on_time): at every
+    idle moment, including one that leaves holds open, the followed customer's steps,
+    reports and open holds equal those of applying every event of the partition."""
+    partition_of = lambda key: kafka_partition(key, PARTITIONS)       # noqa: E731
+    for seed in range(3):
+        log = generate_log(seed + 10, customers=60, events=4000)
+        book, _ = decoded(log, partition_of)
+        first, last = min(e["ts"] for e in log["events"]), max(e["ts"] for e in log["events"])
+        for user in random.Random(seed).sample(sorted({e["external_userid"] for e in log["events"]}), 15):
+            # idle at the first event: the wall clock lets nothing go, stream time alone does
+            for idle_at in (first, last + 10 * MIN, last + 30 * DAY):
+                followed = explain(book, log["events"], "wwP", user, idle_at).as_dict()
+                applied = explain(book, log["events"], "wwP", user, idle_at, follow=False).as_dict()
+                assert followed["events"] and without_emitted_at(followed) == without_emitted_at(applied), \
+                    (seed, user, idle_at)
+
+
+def without_emitted_at(value):
+    """`emitted_at` is the wall clock of the call; everything else must be equal."""
+    if isinstance(value, dict):
+        return {k: without_emitted_at(v) for k, v in value.items() if k != "emitted_at"}
+    if isinstance(value, list):
+        return [without_emitted_at(v) for v in value]
+    return value
 
 
 def test_each_outcome_gets_its_reason_in_words():
@@ -97,6 +127,28 @@ def test_each_outcome_gets_its_reason_in_words():
     assert e.why["INVALID"].startswith("held, then cancelled") and e.why["CONSULT"].startswith("no tag mapped")
     text = render(e)
     assert "Why (not): CONSULT:" in text and "Events before" in text
+
+
+def test_another_customers_event_releases_the_followed_customers_hold_by_stream_time():
+    """wmA's INVALID is held 30 min; the next event of its partition is another customer's,
+    40 min later, and the wall clock (idle_at) is before both: only stream time lets it go."""
+    t0 = 1_796_000_000_000
+    log = {"rules": [("ww1:etI", {"corp_id": "ww1", "tag_id": "etI", "standard_type": "INVALID", "account_id": 1,
+                                  "user_action_set_id": 2, "effective_from": t0 - DAY, "version": 1})], "events": []}
+    book, _ = decoded(log, lambda k: 0)
+    partition = kafka_partition("ww1:wmA", PARTITIONS)
+    other = next(f"wm{n}" for n in range(100) if kafka_partition(f"ww1:wm{n}", PARTITIONS) == partition)
+    events = [{"event_id": "c1", "corp_id": "ww1", "external_userid": "wmA", "userid": "s1",
+               "change_type": "add_external_contact", "ts": t0, "wechat_app_id": "wx1", "wechat_unionid": "u1"},
+              {"event_id": "e1", "corp_id": "ww1", "external_userid": "wmA", "userid": "s1", "tag_id": "etI",
+               "op": "add", "ts": t0 + MIN},
+              {"event_id": "e2", "corp_id": "ww1", "external_userid": other, "userid": "s1", "tag_id": "etX",
+               "op": "add", "ts": t0 + 40 * MIN}]
+    for follow in (True, False):
+        e = explain(book, events, "ww1", "wmA", idle_at=t0, follow=follow)
+        assert [(r["standard_type"], r["mode"]) for r in e.released] == [("INVALID", "delayed")], follow
+    before = explain(book, events[:2], "ww1", "wmA", idle_at=t0)
+    assert before.released == [] and [hold["standard_type"] for hold in before.pending] == ["INVALID"]
 
 
 def test_a_customer_with_no_events_is_one_line():
