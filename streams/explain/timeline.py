@@ -24,8 +24,7 @@ from schemas.records import DELAYED_TYPES, LONG_TERM, ORDER, STANDARD_TYPES, Con
 from streams.core import semantics as sem
 from streams.core.rulebook import RuleBook
 from streams.core.semantics import Event, ReportingPolicy, StepResult
-from streams.replay.engine import Output
-from streams.replay.engine import format_time
+from streams.replay.engine import Output, format_time
 
 
 def _duration(ms: int) -> str:
@@ -33,6 +32,15 @@ def _duration(ms: int) -> str:
         if ms >= size and ms % size == 0 or unit == "s":
             return f"{ms / size:g} {unit}"
     return f"{ms} ms"
+
+
+def _elapsed(ms: int) -> str:
+    """A measured time span to the minute, for reading: `7 d 23 h 40 min`, `2 h`, `40 s`."""
+    if ms < 60_000:
+        return f"{ms // 1000} s"
+    minutes = ms // 60_000
+    parts = [(minutes // 1440, "d"), (minutes // 60 % 24, "h"), (minutes % 60, "min")]
+    return " ".join(f"{n} {unit}" for n, unit in parts if n)
 
 
 @dataclass
@@ -182,7 +190,7 @@ class Explainer(Output):
             window = ""
             if rule and rule.standard_type == ORDER and standard_type == LONG_TERM:
                 add = self.add_times.get(event.userid)
-                window = (f"; the ORDER came {_duration(event.ts - add)} after the add time, past the "
+                window = (f"; the ORDER came {_elapsed(event.ts - add)} after the add time, past the "
                           f"{_duration(self.policy.order_window)} window, so it is LONG_TERM" if add is not None
                           else "; the ORDER came past the window after an add time before this range: LONG_TERM")
             return (f"held: {mapped}{window}; {standard_type} is reported at {format_time(deadline)} "
@@ -235,6 +243,11 @@ class Explainer(Output):
                 why[standard_type] = "reported before this range; not again (once per type)"
             elif standard_type in DELAYED_TYPES and any(s.outcome in (sem.HELD, sem.HOLD_JOINED) for s in steps):
                 why[standard_type] = "held in this range; not released by the end of it"
+            elif standard_type == ORDER and (late := [s for s in self.steps if s.standard_type == LONG_TERM
+                                                      and (s.rule or {}).get("standard_type") == ORDER]):
+                why[standard_type] = (f"{late[0].what} at {format_time(late[0].ts)} maps to ORDER, but came past the "
+                                      f"{_duration(self.policy.order_window)} window after the add time, so it "
+                                      "counts as LONG_TERM (see LONG_TERM)")
             else:
                 unmapped = [s for s in self.steps if s.outcome == sem.UNMAPPED]
                 why[standard_type] = "no tag mapped to it was added in this range" + (

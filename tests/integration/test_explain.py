@@ -92,11 +92,13 @@ def test_each_outcome_is_explained_with_its_reason_and_delivery_state(kafka_brok
         assert "so it is LONG_TERM" in a["e-wmA-9"]["reason"]
         assert [h["standard_type"] for h in got["wmA"]["pending_holds"]] == ["LONG_TERM"]
         assert got["wmA"]["why"]["LONG_TERM"].startswith("held since")
+        assert "counts as LONG_TERM" in got["wmA"]["why"]["ORDER"]
         b = got["wmB"]["events"][1]["reports"][0]["delivery"]
         assert b["state"] == "failed" and "31001" in b["answer"]
         assert got["wmC"]["events"][1]["reports"][0]["delivery"]["state"].startswith("parked")
         assert "delivery: acked" in got["wmA"]["why"]["VALID"]
         text = run_explain(pipeline, "ww1:wmA").stdout
+        print(text)                                 # docs/operations.md shows this output
         assert "Why (not):" in text and "[rule v1]" in text and "acked" in text
         nobody = run_explain(pipeline, "ww1:wmNobody")
         assert nobody.returncode == 0 and len(nobody.stdout.strip().splitlines()) == 1 and "no events" in nobody.stdout

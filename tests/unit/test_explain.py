@@ -125,6 +125,8 @@ def test_each_outcome_gets_its_reason_in_words():
         [("LONG_TERM", "delayed", "order_after_window")]
     assert e.why["VALID"].startswith("reported (realtime) for tag etV") and "not yet sent" in e.why["VALID"]
     assert e.why["INVALID"].startswith("held, then cancelled") and e.why["CONSULT"].startswith("no tag mapped")
+    assert e.why["ORDER"].startswith("add etO at") and "past the 7 d window" in e.why["ORDER"] and \
+        "counts as LONG_TERM" in e.why["ORDER"]
     text = render(e)
     assert "Why (not): CONSULT:" in text and "Events before" in text
 
