@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.kafka.admin import ensure_topics
 from streams.kafka.connection import client_kwargs
@@ -176,6 +177,21 @@ class Pipeline:
     def read(self, topic: str, until=lambda records: False, timeout: float = 30.0, settle: float = 0.0) -> list:
         return kafka_io.read_topic(self.topic(topic), self.settings.partitions, until, timeout, settle,
                                    self.connection)
+
+    def consumer_groups(self) -> tuple[set[str], dict[str, dict]]:
+        """Every consumer group id on the broker, and the committed offsets of this
+        pipeline's groups: an operator tool must change neither."""
+        async def ask() -> tuple[set[str], dict[str, dict]]:
+            admin = AIOKafkaAdminClient(**self.connection)
+            await admin.start()
+            try:
+                ids = {group_id for group_id, *_ in await admin.list_consumer_groups()}
+                return ids, {g: {(tp.topic, tp.partition): meta.offset
+                                 for tp, meta in (await admin.list_consumer_group_offsets(g)).items()}
+                             for g in sorted(ids) if g.startswith(self.settings.app_id)}
+            finally:
+                await admin.close()
+        return asyncio.run(ask())
 
     def stop(self, delete_topics: bool = False) -> None:
         """Stop the workers; `delete_topics` also deletes this pipeline's topics (benchmarks:

@@ -4,7 +4,8 @@
   to the reference model's, each in words, and each report's delivery state: acked, failed
   with the API's answer, parked, or not yet sent; a customer with no events is one line.
 - For every customer of a generated log (500) the live worker processed, explain's reports
-  equal what the worker emitted for each of them.
+  equal what the worker emitted for each of them; the 500 calls make no consumer group and
+  move no committed offset.
 """
 from __future__ import annotations
 
@@ -142,10 +143,13 @@ def test_explain_agrees_with_what_the_live_worker_emitted_for_every_customer(kaf
                     explained[user] = [r["outer_action_id"] for r in e.reports()] + \
                         [r["outer_action_id"] for r in e.unreportable]
             return explained
+        groups = pipeline.consumer_groups()
+        assert groups[1], "the worker's group has committed offsets"
         started = time.monotonic()
         explained = asyncio.run(all_of_them())
         print(f"explained {len(explained)} customers in {time.monotonic() - started:.1f} s")
         assert len(explained) == CUSTOMERS
+        assert pipeline.consumer_groups() == groups       # no group made, no offset moved
         for user, ids in explained.items():
             assert sorted(ids) == sorted(emitted.get(user, [])), user
     finally:

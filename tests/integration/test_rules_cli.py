@@ -93,6 +93,7 @@ def test_a_thousand_named_rows_publish_versions_the_worker_reports_by(kafka_brok
         unmapped = tagstream(pipeline, "unmap", key, "--from", format_time(effective + 3_600_000), "--json")
         assert unmapped.returncode == 0, unmapped.stderr
         assert [(r["standard_type"], r["version"]) for r in orjson.loads(unmapped.stdout)["published"]] == [(None, 2)]
+        group_ids = pipeline.consumer_groups()[0]
         history = orjson.loads(tagstream(pipeline, "history", key, "--json").stdout)
         assert [(r["version"], r["standard_type"]) for r in history] == [(1, types[0]), (2, None)]
         listed = orjson.loads(tagstream(pipeline, "list", "--corp", CORPS[0], "--as-of",
@@ -100,6 +101,7 @@ def test_a_thousand_named_rows_publish_versions_the_worker_reports_by(kafka_brok
         assert len(listed) == TAGS_PER_CORP and [r["standard_type"] for r in listed if r["tag_id"].endswith("000")] == [None]
         table = tagstream(pipeline, "history", key)
         assert table.returncode == 0 and "unmapped" in table.stdout and "标签000" in table.stdout
+        assert pipeline.consumer_groups()[0] == group_ids        # the read-only commands joined no group
     finally:
         pipeline.stop()
 
