@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: cluster cluster-stop setup run test test-unit test-slow bench bench-recovery bench-sink bench-replay bench-explain bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: cluster cluster-stop setup run test test-unit test-slow deploy-test image images lock bench bench-recovery bench-sink bench-replay bench-explain bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -50,11 +50,25 @@ run: broker
 ## Every test that belongs in CI (unit + integration on the real broker, and a real Prometheus).
 test: setup
 	deploy/setup-system.sh --with-prometheus --with-hey
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow and not deploy" $(PYTEST_ARGS)
 
 test-unit: setup
 	deploy/setup-system.sh --with-prometheus
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+## The images (podman; the base made here by mmdebstrap), the compose stack and the chart, for real.
+deploy-test: setup
+	$(BIN)/pip install -q -e '.[test,deploy]'
+	$(BIN)/pytest -m deploy -s tests/deploy $(PYTEST_ARGS)
+
+image: setup
+	deploy/container/build.sh tagstream
+
+images: setup
+	deploy/container/build.sh all
+
+lock: setup
+	$(BIN)/python deploy/container/lock.py
 
 ## The chaos run at the size CI affords (`make chaos` is the full size); CI runs this too.
 test-slow: setup

@@ -164,10 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the timeline as JSON")
 
     p = command("load", "produce sample reporting rules and a generated event stream",
-                "Produce the sample rules, then N generated events. Example: tagstream load --events 10000")
-    p.add_argument("--events", type=int, required=True, help="how many events to produce")
+                "Produce the sample rules, then N generated events. Without --rate, as fast as\n"
+                "possible, with simulated event time running ahead of the clock (40 ms per event);\n"
+                "with --rate, paced, and each event's ts is the wall clock when it is made, so\n"
+                "loads run one after another never overlap in event time.\n\n"
+                "examples:\n  tagstream load --events 10000\n"
+                "  tagstream load --events 0 --seed 2                  # the rules only\n"
+                "  tagstream load --events 30000 --rate 2000 --no-rules # 15 s of live traffic")
+    p.add_argument("--events", type=int, required=True, help="how many events to produce (0: the rules only)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the generated load")
     p.add_argument("--no-rules", action="store_true", help="do not produce the sample rules")
+    p.add_argument("--rate", type=float, default=0, help="events per second, with live event time (0: as fast "
+                   "as possible, simulated event time) [default: 0]")
 
     p = command("replay", "replay historic tag events: a topic time range or NDJSON archives",
                 "Fold historic events through the same engine as the worker, with the rules as of\n"
@@ -451,9 +459,13 @@ def cmd_load(args, settings: Settings) -> int:
     from streams.sources.loadgen import TagTraffic
     from streams.kafka.producer import input_producer, produce
 
+    if args.events < 0 or args.rate < 0:
+        raise ConfigError("--events and --rate take a number >= 0 (e.g. --events 10000 --rate 2000)")
+
     async def run() -> None:
         await ensure_topics(settings)
-        traffic = TagTraffic(args.seed, start_ms=int(time.time() * 1000))
+        wall = lambda: int(time.time() * 1000)       # noqa: E731
+        traffic = TagTraffic(args.seed, start_ms=wall(), clock=wall if args.rate else None)
         producer = input_producer(settings)
         await producer.start()
         try:
@@ -461,7 +473,13 @@ def cmd_load(args, settings: Settings) -> int:
             if not args.no_rules:
                 await produce(producer, settings, rules)
             started = time.monotonic()
-            sent = await produce(producer, settings, itertools.islice(traffic.events(), args.events))
+            events, sent = traffic.events(), 0
+            step = max(1, int(args.rate / 20)) if args.rate else max(args.events, 1)
+            while sent < args.events:           # with --rate, in steps of 50 ms of traffic
+                sent += await produce(producer, settings, itertools.islice(events, min(step, args.events - sent)))
+                ahead = sent / args.rate - (time.monotonic() - started) if args.rate else 0
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             elapsed = time.monotonic() - started
             print(f"produced {len(rules) if not args.no_rules else 0} rules and {sent} events "
                   f"in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s)")
