@@ -73,11 +73,12 @@ async def _latest(offsets, consumer, topic: str, count: int, keys: set[str], sin
 
 class Explaining:
     """What every explanation needs, read once: the erased corps, the rule book (as replay
-    reads it) and two readers: one only asks offsets and metadata, so no fetch of the other
+    reads it) and two readers. One only asks offsets and metadata, so no fetch of the other
     is ever in flight ahead of those questions on its connection (each would wait out the
-    broker's fetch wait: 5-7 s per customer when one consumer did both). `tagstream explain` uses one for one customer; a test or a
-    support tool asks it for many (each then costs one partition's range, not a client's
-    start and the rules' read). Rules published after it opened are not seen: open another.
+    broker's fetch wait: 5-7 s per customer when one consumer did both). `tagstream
+    explain` uses one for one customer; a test or a support tool asks it for many (each
+    then costs one partition's range, not a client's start and the rules' read). Rules
+    published after it opened are not seen: open another.
 
         async with Explaining(settings) as session:
             explanation = await session.explain("ww51a2", "wmKx01", from_ms, to_ms)
