@@ -42,6 +42,7 @@ class WorkerHealth:
         metrics.REBALANCES.inc()
 
     def refresh(self) -> None:
+        metrics.beat()                  # /healthz: the worker's event loop runs this timer
         app = self.app
         metrics.REBALANCING.set(1 if app.rebalancing else 0)
         recovering = app.in_recovery or self.restoring()

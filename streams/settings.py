@@ -125,7 +125,8 @@ class Settings:
     sink_metrics_port: int = _setting(9465, "port of the sink's Prometheus /metrics endpoint (0: none)")
     batch_linger: int = _duration(50, "longest a batch of applied events waits for its group commit (reports are sent at once regardless)")
     batch_max: int = _setting(500, "most events applied before the worker waits for its reports' acks and writes its state (group commit)")
-    metrics_port: int = _setting(9464, "port of the Prometheus /metrics endpoint (0: none)")
+    metrics_port: int = _setting(9464, "port of the worker's Prometheus /metrics and /healthz endpoint (0: none)")
+    metrics_host: str = _setting("127.0.0.1", "address every /metrics and /healthz endpoint (worker, sink, enrichment) listens on; 0.0.0.0 in a pod, where Prometheus scrapes and the kubelet probes the pod's address")
     metrics_interval: int = _duration(5 * SECOND, "how often consumer lag, table sizes and held reports are sampled for /metrics")
     log_level: str = _setting("info", "debug, info, warning or error")
 

@@ -277,7 +277,9 @@ def cmd_worker(args, settings: Settings) -> int:
     asyncio.run(ensure_topics(settings))
     _logging(settings)
     open_local_state(settings.data_dir)
-    metrics.serve(settings.metrics_port)
+    # the health timer beats every metrics_interval (agents/health.py): three missed is stuck
+    metrics.serve(settings.metrics_port, settings.metrics_host,
+                  stale_after=max(30.0, 3 * settings.metrics_interval / 1000))
     metrics.watch_gc_pauses()
     topology = build_topology(settings)
     worker = DrainingWorker(topology.app, topology.before_stop, loglevel=settings.log_level, quiet=True)
@@ -308,13 +310,15 @@ def cmd_sink(args, settings: Settings) -> int:
         from streams.kafka.connection import client_kwargs
         from streams.observability.lag import LagMonitor, monitored_groups
         await ensure_topics(settings)
-        metrics.serve(settings.sink_metrics_port)
+        metrics.serve(settings.sink_metrics_port, settings.metrics_host, stale_after=30.0)
         lag = asyncio.create_task(LagMonitor(client_kwargs(settings), monitored_groups(settings))
                                   .run(settings.metrics_interval / 1000, stop))
+        heartbeat = asyncio.create_task(metrics.heartbeat())
         try:
             return await run_api_sink(settings, stop)
         finally:
             lag.cancel()
+            heartbeat.cancel()
 
     outcome = asyncio.run(run())
     if isinstance(outcome, dict):
@@ -368,16 +372,20 @@ def cmd_enrich(args, settings: Settings) -> int:
     suite = load_suite(settings)
     auth = AuthBook(Vault.from_settings(settings)) if suite else None
     _logging(settings)
-    metrics.serve(settings.enrich_metrics_port)
+    metrics.serve(settings.enrich_metrics_port, settings.metrics_host, stale_after=30.0)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        heartbeat = asyncio.create_task(metrics.heartbeat())
         await ensure_topics(settings)
-        async with WeComClient(settings, corps, suite=suite, auth=auth) as client:
-            await Enrichment(settings, corps, client).run(stop)
+        try:
+            async with WeComClient(settings, corps, suite=suite, auth=auth) as client:
+                await Enrichment(settings, corps, client).run(stop)
+        finally:
+            heartbeat.cancel()
 
     asyncio.run(run())
     return 0

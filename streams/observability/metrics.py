@@ -6,10 +6,15 @@ outcomes, error codes): customer ids, union ids and tokens are never labels.
 """
 from __future__ import annotations
 
+import asyncio
 import gc
+import threading
 import time
+from typing import Optional
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 EVENTS = Counter(
     "tagstream_events_total",
@@ -287,7 +292,58 @@ WECOM_TAG_REQUESTS = Counter(
     ["outcome"])
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on 127.0.0.1:port (no-op for port 0)."""
-    if port:
-        start_http_server(port, addr="127.0.0.1")
+class _Health:
+    """Liveness for /healthz: the process's event loop beats (`beat`), and a process whose
+    loop has not beaten for `stale_after` seconds, or never has, is not healthy. A stuck
+    loop still answers /metrics from the server's thread, so the probe needs this."""
+    stale_after: Optional[float] = None        # None: /healthz is always 200 once served
+    last_beat: Optional[float] = None
+
+    def status(self) -> tuple[str, str]:
+        if self.stale_after is None:
+            return "200 OK", "ok\n"
+        if self.last_beat is None:
+            return "503 Service Unavailable", "starting: the event loop has not beaten yet\n"
+        silent = time.monotonic() - self.last_beat
+        if silent > self.stale_after:
+            return "503 Service Unavailable", f"stuck: the event loop last beat {silent:.0f} s ago\n"
+        return "200 OK", "ok\n"
+
+
+HEALTH = _Health()
+
+
+def beat() -> None:
+    """The event loop is alive (called from a timer on it)."""
+    HEALTH.last_beat = time.monotonic()
+
+
+async def heartbeat(interval_s: float = 5.0) -> None:
+    """Beat every `interval_s` for as long as the loop runs (a task of a plain asyncio process)."""
+    while True:
+        beat()
+        await asyncio.sleep(interval_s)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):        # noqa: A002 (the base class's name): probes every few s
+        pass
+
+
+def serve(port: int, host: str = "127.0.0.1", stale_after: Optional[float] = None) -> None:
+    """Expose /metrics, and /healthz (see `_Health`; `stale_after` None: always healthy), on
+    host:port from a daemon thread (no-op for port 0). The host is 127.0.0.1 unless a
+    container orchestrator scrapes and probes the pod's own address (`metrics_host`)."""
+    if not port:
+        return
+    HEALTH.stale_after = stale_after
+    metrics_app = make_wsgi_app()
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/healthz":
+            status, body = HEALTH.status()
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [body.encode()]
+        return metrics_app(environ, start_response)
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="tagstream-metrics", daemon=True).start()
