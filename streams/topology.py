@@ -213,6 +213,8 @@ class DrainingWorker(faust.Worker):
         async def drain() -> None:
             try:
                 await asyncio.wait_for(self.before_stop(), timeout=10)
+                log.info("stopping: the open batch is drained (its reports acknowledged, its state durable); "
+                         "committing the offsets and leaving the consumer group")
             except Exception as exc:           # stopping must not hang on a broken broker
                 log.warning("drain before stop failed: %r", exc)
             stop()

@@ -4,7 +4,8 @@
 # allows. Idempotent; called by `make image` and `make deploy-test`.
 set -euo pipefail
 need=()
-for pkg in podman runc mmdebstrap uidmap slirp4netns containernetworking-plugins; do
+# catatonit: the pause process of the pods `podman kube play` makes
+for pkg in podman runc mmdebstrap uidmap slirp4netns containernetworking-plugins catatonit; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -13,100 +13,24 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
 import json
 import os
 import subprocess
 import time
 from collections import Counter
-import urllib.request
-from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.kafka.reads import partitions_of, read_to_end
+from tests.deploy.helpers import REPO, applied_order, get, project_leftovers, read_topics, rules_folded, sh, wait_until
 from tests.logs import kafka_partition
 from tests.reference_model import reference_reports
 
 pytestmark = pytest.mark.deploy
 
-REPO = Path(__file__).resolve().parents[2]
 COMPOSE = [str(REPO / ".venv" / "bin" / "podman-compose"), "-f", str(REPO / "deploy" / "compose.yaml")]
 BROKER, PREFIX, PROMETHEUS = "127.0.0.1:29092", "compose.", "http://127.0.0.1:29090"
 WORKERS = {"worker-1": 29464, "worker-2": 29474}
-
-
-def sh(*args: str, env: dict | None = None, timeout: float = 600) -> str:
-    run = subprocess.run(args, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                         timeout=timeout)
-    assert run.returncode == 0, f"{' '.join(args)}: {run.stdout[-2000:]}{run.stderr[-3000:]}"
-    return run.stdout
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def get(url: str) -> bytes | None:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.read()
-    except OSError:
-        return None
-
-
-def rules_folded(port: int) -> float:
-    """Rule versions the worker on `port` folded into its table (tagstream_events_total)."""
-    body = get(f"http://127.0.0.1:{port}/metrics") or b""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
-               if line.startswith("tagstream_events_total{") and 'outcome="rule_applied"' in line)
-
-
-def project_leftovers() -> str:
-    containers = sh("podman", "ps", "-a", "--filter", "label=io.podman.compose.project=tagstream",
-                    "--format", "{{.Names}}")
-    volumes = sh("podman", "volume", "ls", "--filter", "label=io.podman.compose.project=tagstream",
-                 "--format", "{{.Name}}")
-    return (containers + volumes).strip()
-
-
-async def read_topics(names: list[str]) -> dict[str, list]:
-    """Every record of the stack's `names` topics."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=BROKER, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        out: dict[str, list] = {name: [] for name in names}
-        for name in names:
-            tps = [TopicPartition(PREFIX + name, p) for p in await partitions_of(consumer, PREFIX + name)]
-            await read_to_end(consumer, tps, out[name].append)
-        return out
-    finally:
-        await consumer.stop()
-
-
-def applied_order(contacts: list, tags: list) -> list[dict]:
-    """The events in the order the worker applies them: per partition, the two topics merged
-    by `ts` (contacts first on a tie), each read in offset order. (The loads are paced, with
-    event time = the wall clock: unpaced, each runs 20 minutes of event time ahead, the next
-    overlaps it, a partition is not in ts order, and what the worker applies depends on
-    how far it had read when the next load came: this test saw both outcomes.)"""
-    ordered = []
-    for partition in range(4):
-        mine = lambda records: [orjson.loads(r.value) for r in records if r.partition == partition]  # noqa: E731
-        ordered += heapq.merge(mine(contacts), mine(tags), key=lambda e: (e["ts"], "op" in e))
-    return ordered
-
-
-@pytest.fixture(scope="module")
-def images() -> None:
-    sh("deploy/container/build.sh", "all", timeout=1800)
 
 
 def test_the_image_runs_tagstream_as_a_non_root_user(images):
@@ -146,7 +70,7 @@ def test_the_stack_reports_what_the_model_expects_through_a_rolling_restart(imag
         # effective_from without --retroactive; the load generator's rules are in the past)
         for seed in (1, 2, 3):
             finished(load(seed, 0))
-        rules = len(asyncio.run(read_topics(["tag-mappings"]))["tag-mappings"])
+        rules = len(asyncio.run(read_topics(BROKER, PREFIX, ["tag-mappings"]))["tag-mappings"])
         wait_until(lambda: sum(rules_folded(port) for port in WORKERS.values()) >= rules, 120,
                    f"the workers to fold {rules} rule versions")
         # live traffic, paced (event time = the wall clock): each topic partition in ts order
@@ -161,9 +85,9 @@ def test_the_stack_reports_what_the_model_expects_through_a_rolling_restart(imag
         for running in loads[1:]:
             finished(running)
 
-        topics = asyncio.run(read_topics(["tag-mappings", "tag-events", "contact-events"]))
+        topics = asyncio.run(read_topics(BROKER, PREFIX, ["tag-mappings", "tag-events", "contact-events"]))
         rules = [(r.key.decode(), orjson.loads(r.value)) for r in topics["tag-mappings"]]
-        ordered = applied_order(topics["contact-events"], topics["tag-events"])
+        ordered = applied_order(topics["contact-events"], topics["tag-events"], 4)
         assert len(ordered) == 80_000
         expected, _ = reference_reports(rules, ordered, partition_of=lambda key: kafka_partition(key, 4),
                                         flush_at_end=False)
@@ -176,7 +100,7 @@ def test_the_stack_reports_what_the_model_expects_through_a_rolling_restart(imag
             """Where the missing reports went, for the failure message."""
             missing = {r["outer_action_id"]: r for r in expected if r["outer_action_id"] not in set(delivered())}
             unreportable = {(u["corp_id"], u["external_userid"], u["standard_type"]) for u in
-                            (orjson.loads(r.value) for r in asyncio.run(read_topics(["unreportable"]))["unreportable"])}
+                            (orjson.loads(r.value) for r in asyncio.run(read_topics(BROKER, PREFIX, ["unreportable"]))["unreportable"])}
             went = sum(1 for r in missing.values()
                        if (r["corp_id"], r["external_userid"], r["standard_type"]) in unreportable)
             return f"{len(missing)} missing, {went} of them on the unreportable topic: {list(missing.values())[:2]}"
@@ -202,4 +126,4 @@ def test_the_stack_reports_what_the_model_expects_through_a_rolling_restart(imag
         if not os.environ.get("TAGSTREAM_DEPLOY_KEEP"):    # set, the stack stays up to be looked into
             sh(*COMPOSE, "down", "-v", env=env)
     if not os.environ.get("TAGSTREAM_DEPLOY_KEEP"):
-        assert project_leftovers() == "", project_leftovers()
+        assert project_leftovers("tagstream") == "", project_leftovers("tagstream")

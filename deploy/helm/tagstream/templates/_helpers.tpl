@@ -65,6 +65,7 @@ ingest-api-token: TAGSTREAM_INGEST_API_TOKEN_FILE
   secret:
     secretName: {{ include "tagstream.secretName" .root }}
     defaultMode: 0400
+    optional: false             # (podman 4.3 kube play dereferences it)
     items:
     {{- range $items }}
     - key: {{ . }}
