@@ -8,6 +8,8 @@ RATE   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
+HELM_VERSION := v4.3.2
+HELM   := .state/bin/helm
 
 .PHONY: cluster cluster-stop setup run test test-unit test-slow deploy-test image images lock bench bench-recovery bench-sink bench-replay bench-explain bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
 
@@ -57,9 +59,14 @@ test-unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 ## The images (podman; the base made here by mmdebstrap), the compose stack and the chart, for real.
-deploy-test: setup
+deploy-test: setup $(HELM)
 	$(BIN)/pip install -q -e '.[test,deploy]'
-	$(BIN)/pytest -m deploy -s tests/deploy $(PYTEST_ARGS)
+	deploy/setup-system.sh --with-prometheus
+	HELM=$(abspath $(HELM)) $(BIN)/pytest -m deploy -s tests/deploy $(PYTEST_ARGS)
+
+## helm, built from the Go module proxy (no other download site is reachable here): ~5 min once.
+$(HELM):
+	GOBIN=$(abspath $(dir $(HELM))) GOFLAGS=-mod=mod go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
 
 image: setup
 	deploy/container/build.sh tagstream

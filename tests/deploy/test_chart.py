@@ -19,7 +19,6 @@ import base64
 import os
 import subprocess
 import uuid
-from pathlib import Path
 
 import orjson
 import pytest
@@ -34,7 +33,7 @@ from tests.reference_model import reference_reports
 pytestmark = pytest.mark.deploy
 
 CHART = REPO / "deploy" / "helm" / "tagstream"
-HELM = os.environ.get("HELM", str(Path.home() / "go" / "bin" / "helm"))
+HELM = os.environ.get("HELM", str(REPO / ".state" / "bin" / "helm"))      # make deploy-test builds it
 EVERYTHING = ["--set", "monitoring.serviceMonitor=true", "--set", "monitoring.prometheusRule=true",
               "--set", "keda.enabled=true", "--set", "ingest.enabled=true", "--set", "ingest.corpsConfigMap=corps",
               "--set", "secrets.values.marketing-api-token=t0ken", "--set", "secrets.values.sasl-password=s3cret"]
