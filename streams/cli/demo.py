@@ -62,6 +62,37 @@ WECOM_TAGS = {"etConsult": "CONSULT", "etLead": "LEAD", "etValid": "VALID", "etO
               "etNewCustomer": None, "etCallBack": None}
 
 
+def write_demo_corps(directory: Path) -> Path:
+    """The demo corps' corps file in `directory`, with freshly generated secrets in files
+    beside it (0600) that the file names: what the ingest, the enrichment and the fake WeCom
+    read. Returns the corps file's path."""
+    (directory / "secrets").mkdir(parents=True, exist_ok=True)
+    lines = ["corps:"]
+    for corp_id in WECOM_CORPS:
+        values = {"token": secrets.token_hex(16),
+                  "encoding_aes_key": base64.b64encode(secrets.token_bytes(32)).decode().rstrip("="),
+                  "contact_secret": secrets.token_urlsafe(32)}
+        lines += [f"  - corp_id: {corp_id}", f"    wechat_app_id: wx{corp_id[-4:]}demo"]
+        for name, value in values.items():
+            path = directory / "secrets" / f"{corp_id}.{name}"
+            path.write_text(value)
+            path.chmod(0o600)
+            lines.append(f"    {name}_file: {path}")
+    corps_file = directory / "wecom-corps.yaml"
+    corps_file.write_text("\n".join(lines) + "\n")
+    return corps_file
+
+
+def demo_wecom_rules() -> list[GeneratedRecord]:
+    """The demo corps' reporting rules (WECOM_TAGS), in effect since a day ago."""
+    effective_from = int(time.time() * 1000) - 86_400_000
+    return [GeneratedRecord("tag_mappings", rule_key(corp, tag), {
+        "corp_id": corp, "tag_id": tag, "tag_name": tag, "standard_type": standard_type,
+        "account_id": 4000 + i, "user_action_set_id": 14000 + i, "effective_from": effective_from,
+        "version": 1, "action_type": None})
+        for i, corp in enumerate(WECOM_CORPS) for tag, standard_type in WECOM_TAGS.items() if standard_type]
+
+
 class Child:
     """A tagstream subcommand in its own process group, logging to a file."""
 
@@ -160,34 +191,15 @@ class _Demo:
     def _wecom_settings(self) -> Settings:
         """Generated secrets in files, a corps file naming them, and ports for the ingest and
         the fake WeCom API."""
-        directory = self.log_dir / "wecom"
-        (directory / "secrets").mkdir(parents=True, exist_ok=True)
-        lines = ["corps:"]
-        for corp_id in WECOM_CORPS:
-            values = {"token": secrets.token_hex(16),
-                      "encoding_aes_key": base64.b64encode(secrets.token_bytes(32)).decode().rstrip("="),
-                      "contact_secret": secrets.token_urlsafe(32)}
-            lines += [f"  - corp_id: {corp_id}", f"    wechat_app_id: wx{corp_id[-4:]}demo"]
-            for name, value in values.items():
-                path = directory / "secrets" / f"{corp_id}.{name}"
-                path.write_text(value)
-                path.chmod(0o600)
-                lines.append(f"    {name}_file: {path}")
-        corps_file = directory / "wecom-corps.yaml"
-        corps_file.write_text("\n".join(lines) + "\n")
-        self.fake_done = directory / "staff-done.json"
+        corps_file = write_demo_corps(self.log_dir / "wecom")
+        self.fake_done = self.log_dir / "wecom" / "staff-done.json"
         self.fake_done.unlink(missing_ok=True)
         return dataclasses.replace(self.settings, wecom_corps_file=str(corps_file),
                                    wecom_api_base=f"http://127.0.0.1:{_free_port()}/cgi-bin/",
                                    ingest_listen=f"127.0.0.1:{_free_port()}", enrich_metrics_port=_free_port())
 
     def _wecom_rules(self) -> list[GeneratedRecord]:
-        effective_from = int(time.time() * 1000) - 86_400_000
-        return [GeneratedRecord("tag_mappings", rule_key(corp, tag), {
-            "corp_id": corp, "tag_id": tag, "tag_name": tag, "standard_type": standard_type,
-            "account_id": 4000 + i, "user_action_set_id": 14000 + i, "effective_from": effective_from,
-            "version": 1, "action_type": None})
-            for i, corp in enumerate(WECOM_CORPS) for tag, standard_type in WECOM_TAGS.items() if standard_type]
+        return demo_wecom_rules()
 
     async def _start_wecom(self) -> list[Child]:
         s = self.settings

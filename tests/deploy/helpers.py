@@ -59,8 +59,9 @@ def project_leftovers(project: str) -> str:
 
 
 async def read_topics(broker: str, prefix: str, names: list[str]) -> dict[str, list]:
-    """Every record of the topics `prefix + name` on `broker`."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker, group_id=None, enable_auto_commit=False)
+    """Every committed record of the topics `prefix + name` on `broker`."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, group_id=None, enable_auto_commit=False,
+                                isolation_level="read_committed")     # the enrichment writes in transactions
     await consumer.start()
     try:
         out: dict[str, list] = {name: [] for name in names}

@@ -127,3 +127,60 @@ def test_the_stack_reports_what_the_model_expects_through_a_rolling_restart(imag
             sh(*COMPOSE, "down", "-v", env=env)
     if not os.environ.get("TAGSTREAM_DEPLOY_KEEP"):
         assert project_leftovers("tagstream") == "", project_leftovers("tagstream")
+
+
+def test_the_wecom_profile_turns_callbacks_into_the_reports_the_model_expects(images, tmp_path):
+    """`--profile wecom`: the fake WeCom's staff tag customers of two demo corps; their signed,
+    encrypted callbacks go through the ingest and the enrichment (in containers) to the
+    workers, and the sink writes what the reference model computes from the events the
+    enrichment committed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    token = tmp_path / "token"
+    token.write_text("unused: the file sink is the default\n")
+    callbacks = 300
+    env = {"TAGSTREAM_COMPOSE_OUT": str(out), "TAGSTREAM_API_TOKEN_FILE": str(token),
+           "WECOM_CALLBACKS": str(callbacks), "WECOM_RATE": "30"}
+    wecom = [*COMPOSE, "--profile", "wecom"]
+    sh(*wecom, "down", "-v", env=env)
+    try:
+        sh(*wecom, "up", "-d", env=env)
+        done = out / "staff-done.json"
+        wait_until(done.exists, 240, "the fake WeCom's staff to finish")
+        summary = json.loads(done.read_text())
+        assert summary["callbacks"] >= callbacks and summary["dropped"] == 0, summary
+
+        def counted(port: int, metric: str, outcome: str) -> float:
+            body = get(f"http://127.0.0.1:{port}/metrics") or b""
+            return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                       if line.startswith(metric + "{") and f'outcome="{outcome}"' in line)
+        assert counted(28480, "tagstream_wecom_callbacks_total", "accepted") >= callbacks
+        # every callback taken by the enrichment (committed, or ignored: nothing in it for the
+        # worker), none dead-lettered
+        enriched = lambda outcome: counted(28466, "tagstream_wecom_callbacks_enriched_total", outcome)  # noqa: E731
+        wait_until(lambda: enriched("committed") + enriched("ignored") >= callbacks, 120,
+                   f"the enrichment to take {callbacks} callbacks")
+        assert enriched("dead_lettered") == 0 and enriched("committed") > 0
+        topics = asyncio.run(read_topics(BROKER, PREFIX, ["tag-mappings", "tag-events", "contact-events"]))
+        rules = [(r.key.decode(), orjson.loads(r.value)) for r in topics["tag-mappings"]]
+        ordered = applied_order(topics["contact-events"], topics["tag-events"], 4)
+        expected, _ = reference_reports(rules, ordered, partition_of=lambda key: kafka_partition(key, 4),
+                                        flush_at_end=False)
+        assert len(expected) > 20, f"only {len(expected)} reports from {len(ordered)} events"
+        reports_file = out / "reports.ndjson"
+
+        def delivered() -> list[str]:
+            text = reports_file.read_text() if reports_file.exists() else ""
+            return [orjson.loads(line)["outer_action_id"] for line in text.splitlines()]
+        wait_until(lambda: len(delivered()) >= len(expected), 120, f"{len(expected)} reports in the file")
+        time.sleep(3)
+        got = delivered()
+        assert len(got) == len(set(got)), f"{len(got) - len(set(got))} reports sent twice"
+        assert set(got) == {r["outer_action_id"] for r in expected}
+        print(f"compose, wecom profile: {summary['callbacks']} callbacks, {len(ordered)} events, "
+              f"{len(got)} reports, each once")
+    finally:
+        if not os.environ.get("TAGSTREAM_DEPLOY_KEEP"):
+            sh(*wecom, "down", "-v", env=env)
+    if not os.environ.get("TAGSTREAM_DEPLOY_KEEP"):
+        assert project_leftovers("tagstream") == "", project_leftovers("tagstream")
