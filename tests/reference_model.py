@@ -235,6 +235,8 @@ def reference_reports(
     * Dedupe is per customer, across tag and contact events: an applied event's id is
       remembered with its ``ts``; before checking, ids of this customer whose ``ts`` is below
       ``stream_time - dedupe_horizon_ms`` are forgotten. A duplicate has no other effect.
+      An unmapped ``add`` (rule 2) is not applied and its id is not remembered: its
+      redelivery is ``unmapped`` again (the argument is in streams/core/semantics.py).
     * Contact events copy every non-null identity field (newest non-null wins);
       ``add_external_contact`` sets ``add_time[userid] = min(existing, ts)``.
     * Tag ``remove`` drops the tag from the support set of every active hold of the customer;
@@ -299,6 +301,14 @@ def reference_reports(
         for hold_key in sorted(due, key=release_order):
             release(hold_key)
 
+        # Rule 2 first for adds: an unmapped add changes nothing, so its id is not remembered
+        # and a redelivery of it is unmapped again (streams/core/semantics.py has the argument).
+        if not is_contact_event(event) and event["op"] == "add":
+            rule = rule_in_force(rule_versions, event["corp_id"], event["tag_id"], event["ts"])
+            if rule is None or rule.get("standard_type") is None:
+                note("unmapped")
+                continue
+
         # Rule 1: ordered, at-most-once input (per customer, bounded by the dedupe horizon).
         seen = remembered_ids.setdefault(who, {})
         for old_id in [eid for eid, ts in seen.items() if ts < now - dedupe_horizon_ms]:
@@ -331,11 +341,7 @@ def reference_reports(
             note("cancelled" if cancelled else "tag_removed")
             continue
 
-        # op == "add". Rule 2: mapping.
-        rule = rule_in_force(rule_versions, event["corp_id"], event["tag_id"], event["ts"])
-        if rule is None or rule.get("standard_type") is None:
-            note("unmapped")
-            continue
+        # op == "add", mapped (rule 2 above)
         standard_type, reason = rule["standard_type"], None
 
         # Rule 5: order window.

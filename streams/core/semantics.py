@@ -43,6 +43,27 @@ reading and writing it. Each id under its own key also gets an entry in its part
   of it has not expired. Every entry ahead arrived earlier, with a `ts` at most the stream time
   then, so an id is kept at most `dedupe_horizon` past the stream time it arrived at (plus the
   lazy backlog): the state stays bounded by the ids of one horizon.
+
+Which events never touch the customer (issue 24). A tag `add` whose rule as of its `ts` is
+absent or null (rule 2: unmapped) is decided from the event and the rule book alone: it
+advances stream time and releases what is due, like every event, and then it is counted
+`unmapped` and done. The customer record is not read or written and its id is not
+remembered. This gives the same reports as applying it, because applying an unmapped add
+changes nothing but the remembered ids: it makes no report, marks no type reported (rule 3),
+starts or joins no hold, and adds no tag to a hold's support, so no later remove finds it
+there (rule 6); add times and identity come from contact events only (rules 5 and 7). Its id
+would only matter to a later event with the same id for the same customer, and that is a
+redelivery of the same add: the same tag and `ts`, so the same rule, so unmapped again, with
+no effect either way. The outcome of such a redelivery is `unmapped` where it used to be
+`duplicate`. Two cases are not covered by that argument, and there the fast path
+applies the later event where strict rule 1 would ignore it:
+- an upstream that reuses an id for a different event of the same customer, and
+- a rule published between the two deliveries that maps the tag retroactively (its
+  `effective_from` at or before the event's `ts`). Then the redelivery is reported, which is
+  what a replay under the current rules would report.
+
+The reference model (tests/reference_model.py) states the same rule, and the property tests
+and seeded logs hold the engine to it.
 """
 from __future__ import annotations
 
@@ -297,9 +318,17 @@ class ReportingEngine:
         self.store.put_clock(partition, clock)
 
         key = customer_key(event.corp_id, event.external_userid)
-        state = self.store.customer(key)
         horizon = clock.stream_time - self.policy.dedupe_horizon
         self._forget_expired(partition, clock, horizon)
+        rule = None
+        if not isinstance(event, ContactEvent) and event.op == "add":
+            rule = self.rule_as_of(event.corp_id, event.tag_id, event.ts)
+            if rule is None or rule.standard_type is None:
+                # Cannot change a report: not read, not remembered (module docstring).
+                result.outcome = UNMAPPED
+                self._count_holds(partition, clock, result)
+                return result
+        state = self.store.customer(key)
         if self._is_duplicate(key, state, event.event_id, horizon):
             result.outcome = DUPLICATE
             self._count_holds(partition, clock, result)    # the release above may have changed it
@@ -308,7 +337,7 @@ class ReportingEngine:
         if isinstance(event, ContactEvent):
             self._apply_contact(state, event, result)
         elif event.op == "add":
-            self._apply_add(partition, clock, key, state, event, result, now_ms)
+            self._apply_add(partition, clock, key, state, event, rule, result, now_ms)
         else:
             self._apply_remove(state, event, result)
         self.store.put_customer(key, state)
@@ -430,11 +459,8 @@ class ReportingEngine:
                     result.holds_delta -= 1
 
     def _apply_add(self, partition: int, clock: PartitionClock, key: str, state: CustomerState,
-                   event: TagEvent, result: StepResult, now_ms: int) -> None:
-        rule = self.rule_as_of(event.corp_id, event.tag_id, event.ts)
-        if rule is None or rule.standard_type is None:
-            result.outcome = UNMAPPED
-            return
+                   event: TagEvent, rule: ReportingRule, result: StepResult, now_ms: int) -> None:
+        """A mapped add (`rule`: its rule as of its ts, with a standard type)."""
         standard_type, reason = rule.standard_type, None
         add_time = state.add_time_for(event.userid)
         if standard_type == ORDER:

@@ -20,7 +20,8 @@ What runs: the local Kafka broker, two `tagstream worker`s (a third joins and le
    Either way the workers' event-time merge must reproduce the log order, which is what
    the reference model applies.
    - A hot customer (issue 18: a CRM sync tagging one customer in a loop) sends `hot_events`
-     unmapped tag adds with distinct ids, a few of them re-sent, spread over the live part.
+     tag removes with distinct ids (applied and remembered: an unmapped add would skip the
+     customer, issue 24), a few of them re-sent, spread over the live part.
      They are in the log the model applies, so their dedupe is checked like any other
      event's, and the verdict reports the real-time latency (from the live write of the
      tagging event to the API's acceptance) on the hot customer's partition beside the
@@ -378,7 +379,7 @@ class ChaosRun:
         return set(expected), expected, {r["outer_action_id"] for r in unreportable}
 
     def with_hot_customer(self, events: list[dict], live_from: int) -> list[dict]:
-        """`events` with the hot customer's unmapped tag adds spread over the live part (each
+        """`events` with the hot customer's tag removes spread over the live part (each
         at the ts of the event before it, so the log stays in ts order); every 1,000th re-sends
         an earlier id, as a sync that restarts does."""
         plan = self.plan
@@ -397,7 +398,7 @@ class ChaosRun:
             while sent < due:
                 number = sent - 500 if sent % 1_000 == 999 else sent
                 out.append({"event_id": f"crm-{plan.seed}-{number}", "corp_id": corp, "external_userid": customer,
-                            "userid": "s-crm", "tag_id": "u-new", "op": "add", "ts": event["ts"]})
+                            "userid": "s-crm", "tag_id": "u-new", "op": "remove", "ts": event["ts"]})
                 sent += 1
         return out
 

@@ -89,6 +89,51 @@ def test_unmapped_and_null_mapped_tags_report_nothing():
     assert s.reports == [] and s.outcomes[1:] == ["unmapped", "unmapped"]
 
 
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts reads and writes of customer records."""
+
+    def __init__(self):
+        super().__init__()
+        self.customer_reads = self.customer_writes = 0
+
+    def customer(self, key):
+        self.customer_reads += 1
+        return super().customer(key)
+
+    def put_customer(self, key, state):
+        self.customer_writes += 1
+        super().put_customer(key, state)
+
+
+def test_an_unmapped_add_never_touches_the_customer_and_its_redelivery_is_unmapped_again():
+    store = CountingStore()
+    engine = ReportingEngine(store, book(("n", None), ("v", "VALID")).rule_as_of, POLICY)
+    engine.on_event(0, contact(**UNION), NOW)
+    reads, writes = store.customer_reads, store.customer_writes
+    unmapped = [tag("n", T0, event_id="u1"), tag("unknown", T0 + 1), tag("n", T0 + 2, event_id="u1")]
+    assert [engine.on_event(0, e, NOW).outcome for e in unmapped] == ["unmapped"] * 3
+    assert (store.customer_reads, store.customer_writes) == (reads, writes)
+    assert store.clock(0).stream_time == T0 + 2          # stream time still moved
+    # a mapped add reads and writes it as before
+    assert engine.on_event(0, tag("v", T0 + 3), NOW).outcome == "reported"
+    assert (store.customer_reads, store.customer_writes) == (reads + 1, writes + 1)
+
+
+def test_an_id_reused_after_an_unmapped_add_is_applied():
+    """The fast path's one departure from strict rule 1 (streams/core/semantics.py): an
+    upstream that reuses an unmapped add's id for another event gets that event applied."""
+    s = Scenario(book(("b", "LEAD")))
+    s.send(contact(click_id="c"), tag("x", T0, event_id="e1"), tag("b", T0 + 1, event_id="e1"))
+    assert s.outcomes[1:] == ["unmapped", "reported"]
+
+
+def test_an_unmapped_add_still_releases_the_holds_it_makes_due():
+    s = Scenario(book(("inv", "INVALID")))
+    s.send(contact(**UNION), tag("inv", T0), tag("unknown", T0 + 30 * MIN, customer="wm2"))
+    assert s.summary() == [("INVALID", "delayed", None, "inv", T0)]
+    assert s.outcomes[-1] == "unmapped"
+
+
 def test_a_rule_change_takes_effect_at_effective_from():
     rules = book(("s", "LEAD", T0, 1), ("s", "VALID", T0 + 100, 2))
     before = Scenario(rules).send(contact(**UNION), tag("s", T0 + 99))
@@ -126,7 +171,7 @@ def test_a_repeated_event_id_is_ignored():
 def test_event_ids_are_forgotten_after_the_dedupe_horizon_of_stream_time():
     policy = ReportingPolicy(default_action_types=dict(DEFAULT_ACTION_TYPES), dedupe_horizon=HOUR)
     s = Scenario(book(("b", "LEAD")), policy)
-    s.send(contact(click_id="c", ts=T0), tag("x", T0, event_id="e1"))
+    s.send(contact(click_id="c", ts=T0), tag("x", T0, op="remove", event_id="e1"))
     s.send(tag("other", T0 + HOUR, customer="wm2"))            # stream time T0+1h: still remembered
     s.send(tag("b", T0 + HOUR, event_id="e1"))
     s.send(tag("other", T0 + HOUR + 1, customer="wm2"))        # now more than the horizon later
