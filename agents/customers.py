@@ -68,6 +68,7 @@ from streams.observability.hot_keys import HotKeys
 from streams.state.failpoints import failpoint
 from streams.core.erasure import audit_record, corp_hash, erase_partition_state
 from streams.core.merge import ASKED, CoPartitionMerge
+from streams.kafka.partitioner import partitioner
 from streams.kafka.replica import ErasureRequests
 from streams.core.semantics import (
     CustomerState, HoldEntry, PartitionClock, ReportingEngine, ReportingPolicy, SeenEntry, StepResult)
@@ -457,7 +458,7 @@ class CustomerEvents:
         before their first step."""
         if not self.started:
             self.producer = self.store.producer = AIOKafkaProducer(
-                **self.connection, acks="all", enable_idempotence=True,
+                **self.connection, acks="all", enable_idempotence=True, partitioner=partitioner,
                 client_id=PRODUCER_CLIENT_ID,
                 linger_ms=1, max_batch_size=PRODUCER_BATCH_BYTES, max_request_size=2 * PRODUCER_BATCH_BYTES)
             await self.producer.start()

@@ -13,9 +13,15 @@
    *Context, not the ceiling:* the same loop plus the least state a worker that reports
    once per customer must keep: each customer's seen event ids, read from and written to
    RocksDB and sent to a changelog topic (`CustomerIds`).
-3. **tagstream.** A real `tagstream worker` drains the same backlog (its own group).
+3. **An idiomatic Faust app** (`bench/faust_baseline.py`): the job as Faust's documentation
+   teaches it (per-record agents, a Table, a GlobalTable, a timer), draining the same
+   backlog. Its realtime reports are compared with tagstream's: it is fast or slow, and
+   also wrong in the ways its docstring lists.
+4. **tagstream.** A real `tagstream worker` drains the same backlog (its own group).
    Throughput as above, from its /metrics. CPU per event and peak RSS from /proc.
-4. **Latency.** With the worker caught up, events arrive at fixed rates (25%, 50% and 80% of
+   With `--against REF` (repeatable), tagstream as of each commit REF (a git worktree) drains
+   the same backlog too, in its own group, next: one lever's A/B in one run.
+5. **Latency.** With the worker caught up, events arrive at fixed rates (25%, 50% and 80% of
    the throughput just measured) for `--latency-seconds` each. Latency of each real-time
    report is the time from its event's `ts` (stamped when produced) to the report's arrival
    at a consumer of the outbound topic: p50, p99 and max.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import subprocess
@@ -37,13 +44,13 @@ from pathlib import Path
 from typing import Optional
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from streams.kafka.admin import ensure_topics
 from streams.sources.loadgen import LoadShape, TagTraffic
-from tests.integration.conftest import KAFKA_SH, Pipeline
+from tests.integration.conftest import KAFKA_SH, REPO, Pipeline, WorkerProcess, free_port
 from tests.logs import kafka_partition
 
 PARTITIONS = 4
@@ -62,6 +69,14 @@ class Result:
     passthrough_broker_cpu_us: float = 0.0
     worker_broker_cpu_us: float = 0.0
     rules: int = 0
+    faust_rate: float = 0.0
+    faust_peak_rss_mb: float = 0.0
+    # realtime reports of the backlog: tagstream's, the Faust app's, and how they differ
+    realtime_reports: int = 0
+    faust_realtime_reports: int = 0
+    faust_missing: int = 0          # tagstream reported it, the Faust app did not
+    against: list = field(default_factory=list)   # (ref, events/s, CPU µs per event) of --against
+    faust_extra: int = 0            # the Faust app reported it, tagstream did not
     # (share, offered events/s, n, p50 ms, p99 ms, max ms, p99 ms of event ts to the worker's emission)
     latency: list = field(default_factory=list)
 
@@ -192,6 +207,92 @@ async def _passthrough(s, book: dict, events: int, state: Optional[CustomerIds] 
         await producer.stop()
 
 
+# -- the idiomatic Faust app ---------------------------------------------------------------------
+
+def faust_baseline(pipeline: Pipeline, events: int, work: Path, timeout: float = 1800) -> tuple[float, float]:
+    """`bench/faust_baseline.py` in a process of its own, draining the backlog; returns
+    (events/s from its first to its last event, peak RSS in MiB)."""
+    stats = work / "faust-baseline-stats.json"
+    s = pipeline.settings
+    env = {**os.environ, "BASELINE_BROKER": f"kafka://{s.bootstrap_servers}", "BASELINE_PREFIX": s.topic_prefix,
+           "BASELINE_APP_ID": f"{s.app_id}-faust-baseline", "BASELINE_STATS": str(stats),
+           "BASELINE_DATADIR": str(work / "faust-baseline-data"), "BASELINE_PARTITIONS": str(PARTITIONS)}
+    log = open(work / "faust-baseline.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "bench.faust_baseline", "worker"], env=env,
+                               stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the Faust app exited: {(work / 'faust-baseline.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Faust app did not drain the backlog")
+            done = orjson.loads(stats.read_bytes()) if stats.exists() else {"count": 0}
+            if done["count"] >= events:
+                return done["count"] / (done["last"] - done["first"]), _proc(process.pid)[1]
+            time.sleep(0.5)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+async def _read_to_end(s, topic: str) -> list:
+    """Every record of `topic` up to its end offsets as of now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        records: list = []
+        while any(await consumer.position(tp) < ends[tp] for tp in tps):
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def realtime_ids(s, topic: str) -> set[str]:
+    return {report["outer_action_id"] for report in (orjson.loads(r.value) for r in asyncio.run(_read_to_end(s, topic)))
+            if report.get("mode") == "realtime"}
+
+
+# -- tagstream as of another commit (--against) ------------------------------------------------------
+
+def drain_as_of(pipeline: Pipeline, ref: str, events: int, work: Path) -> tuple[float, float]:
+    """tagstream's worker as of commit `ref` (a git worktree) drains the backlog in its own
+    group, writing to topics of its own; returns (events/s, CPU µs per event)."""
+    source = work / f"as-of-{ref.replace('/', '-')}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(source), ref], cwd=REPO, check=True, capture_output=True)
+    try:
+        found = subprocess.run([sys.executable, "-c", "import streams; print(streams.__file__)"], cwd=source,
+                               check=True, capture_output=True, text=True).stdout
+        assert found.startswith(str(source)), f"the worker would not run {ref}'s code: {found}"
+        tag = f"as-of-{ref.replace('/', '-')}"
+        settings = dataclasses.replace(
+            pipeline.settings, app_id=f"{pipeline.settings.app_id}-{tag}", data_dir=str(source / ".bench-data"),
+            metrics_port=free_port(), conversion_reports_topic=f"conversion-reports-{tag}",
+            unreportable_topic=f"unreportable-{tag}")
+        worker = WorkerProcess(settings, work / f"worker-{tag}.log").start(source=source)
+        try:
+            worker.wait_for_rules(1, timeout=120)
+            rate, cpu = drain(worker, events)
+            return rate, cpu / events * 1e6
+        finally:
+            worker.stop()
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(source)], cwd=REPO, capture_output=True)
+
+
 # -- tagstream ---------------------------------------------------------------------------------
 
 def _proc(pid: int) -> tuple[float, float]:
@@ -306,7 +407,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(events: int, latency_seconds: float, work: Path, seed: int = 7) -> Result:
+def run(events: int, latency_seconds: float, work: Path, seed: int = 7, against: tuple = ()) -> Result:
     subprocess.run([str(KAFKA_SH), "start"], check=True, capture_output=True)
     traffic, rules, log = backlog(events, seed)
     gc.freeze()       # the pre-generated load is kept to the end: keep it out of every collection
@@ -322,6 +423,8 @@ def run(events: int, latency_seconds: float, work: Path, seed: int = 7) -> Resul
     print(f"bench: passthrough {result.passthrough_rate:,.0f} events/s", file=sys.stderr, flush=True)
     result.stateful_passthrough_rate = passthrough(pipeline, rules, len(log), stateful=True)
     print(f"bench: stateful passthrough {result.stateful_passthrough_rate:,.0f} events/s", file=sys.stderr, flush=True)
+    result.faust_rate, result.faust_peak_rss_mb = faust_baseline(pipeline, len(log), work)
+    print(f"bench: idiomatic Faust app {result.faust_rate:,.0f} events/s", file=sys.stderr, flush=True)
     worker = pipeline.start_worker()
     try:
         worker.wait_for_rules(len(rules), timeout=120)
@@ -330,6 +433,14 @@ def run(events: int, latency_seconds: float, work: Path, seed: int = 7) -> Resul
         result.worker_broker_cpu_us = (_broker_cpu() - broker_before) / len(log) * 1e6
         result.worker_cpu_us_per_event = cpu / len(log) * 1e6
         print(f"bench: tagstream {result.worker_rate:,.0f} events/s", file=sys.stderr, flush=True)
+        ours = realtime_ids(pipeline.settings, pipeline.topic("conversion_reports"))
+        theirs = realtime_ids(pipeline.settings, pipeline.settings.topic_prefix + "faust-baseline-reports")
+        result.realtime_reports, result.faust_realtime_reports = len(ours), len(theirs)
+        result.faust_missing, result.faust_extra = len(ours - theirs), len(theirs - ours)
+        for ref in against:
+            rate, cpu_us = drain_as_of(pipeline, ref, len(log), work)
+            result.against.append((ref, rate, cpu_us))
+            print(f"bench: tagstream as of {ref} {rate:,.0f} events/s", file=sys.stderr, flush=True)
         # Warm-up, not recorded: right after the backlog the worker's RocksDB is compacting
         # what it just wrote, and the first seconds measured that instead of steady state.
         asyncio.run(latency_run(pipeline, traffic, 0.25 * result.worker_rate, min(5.0, latency_seconds)))
@@ -360,10 +471,19 @@ def table(result: Result) -> str:
              f"| context: passthrough + per-customer event ids in RocksDB and a changelog | "
              f"{result.stateful_passthrough_rate:,.0f} events/s ({result.stateful_passthrough_rate / result.passthrough_rate:.2f}× "
              f"the passthrough; tagstream is {result.worker_rate / result.stateful_passthrough_rate:.2f}× it) |",
+             f"| idiomatic Faust app (bench/faust_baseline.py) | {result.faust_rate:,.0f} events/s "
+             f"({result.faust_rate / result.passthrough_rate:.2f}× the passthrough; tagstream is "
+             f"{result.worker_rate / result.faust_rate:.1f}× it) |",
+             f"| realtime reports of the backlog: tagstream / the Faust app | {result.realtime_reports:,} / "
+             f"{result.faust_realtime_reports:,} ({result.faust_missing:,} of tagstream's missing, "
+             f"{result.faust_extra:,} others) |",
+             *[f"| tagstream as of {ref} (--against) | {rate:,.0f} events/s ({rate / result.passthrough_rate:.2f}× "
+               f"the passthrough; {cpu_us:,.0f} µs CPU per event) |" for ref, rate, cpu_us in result.against],
              f"| worker CPU per event | {result.worker_cpu_us_per_event:,.0f} µs |",
              f"| broker CPU per event: passthrough / tagstream | {result.passthrough_broker_cpu_us:,.0f} µs / "
              f"{result.worker_broker_cpu_us:,.0f} µs |",
-             f"| worker peak RSS | {result.worker_peak_rss_mb:,.0f} MiB |",
+             f"| peak RSS: tagstream / the Faust app | {result.worker_peak_rss_mb:,.0f} MiB / "
+             f"{result.faust_peak_rss_mb:,.0f} MiB |",
              "",
              "| offered load | events/s | real-time reports | p50 ms | p99 ms | max ms | p99 ms to emission |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -377,9 +497,16 @@ def main(argv=None) -> int:
     parser.add_argument("--events", type=int, default=300_000, help="backlog size (default 300000)")
     parser.add_argument("--latency-seconds", type=float, default=20, help="seconds per offered load (default 20)")
     parser.add_argument("--plot", default="docs/bench.png", help="PNG plot to write (default docs/bench.png)")
+    parser.add_argument("--against", action="append", default=[], metavar="REF",
+                        help="also drain the backlog with tagstream as of commit REF (repeatable): a lever's A/B "
+                             "in one run, e.g. --against HEAD~1")
     args = parser.parse_args(argv)
+    for ref in args.against:
+        if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=REPO,
+                          capture_output=True).returncode != 0:
+            parser.error(f"--against {ref}: not a commit of this repository (try HEAD~1 or a hash from git log)")
     with tempfile.TemporaryDirectory(prefix="tagstream-bench-") as work:
-        result = run(args.events, args.latency_seconds, Path(work))
+        result = run(args.events, args.latency_seconds, Path(work), against=tuple(args.against))
     print(table(result))
     if args.plot:
         from bench.plot import bench_png

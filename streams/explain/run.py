@@ -13,7 +13,7 @@ from typing import Optional
 
 import orjson
 from aiokafka import TopicPartition
-from aiokafka.partitioner import murmur2
+from streams.kafka.partitioner import kafka_partition
 
 from streams.core.semantics import ReportingPolicy
 from streams.explain.timeline import Explainer, Explanation, render
@@ -27,7 +27,7 @@ from streams.sinks.parking import ACKED, FAILED, SENDING, Parked, parse_state
 
 def partition_of(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner gives `key` (as every tagstream producer uses)."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    return kafka_partition(key.encode(), partitions)
 
 
 def delivery_words(value: Optional[bytes], failure: Optional[dict]) -> dict:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from aiokafka.helpers import create_ssl_context
 
+from streams.kafka.partitioner import partitioner
 from streams.settings import ConfigError, Settings
 
 SSL_PROTOCOLS = ("SSL", "SASL_SSL")
@@ -55,9 +56,9 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def producer_kwargs(settings: Settings, **extra: Any) -> dict[str, Any]:
-    """A producer's arguments: every write waits for the in-sync replicas, and retries cannot
-    duplicate or reorder (idempotence)."""
-    return {**client_kwargs(settings), "acks": "all", "enable_idempotence": True, **extra}
+    """A producer's arguments: every write waits for the in-sync replicas, retries cannot
+    duplicate or reorder (idempotence), and keys are hashed in compiled code (partitioner.py)."""
+    return {**client_kwargs(settings), "acks": "all", "enable_idempotence": True, "partitioner": partitioner, **extra}
 
 
 def faust_kwargs(settings: Settings) -> dict[str, Any]:

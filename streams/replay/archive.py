@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import IO, Iterable, Optional
 
 import orjson
-from aiokafka.partitioner import murmur2
+from streams.kafka.partitioner import kafka_partition
 
 from schemas.validation import Rejection, RuleTombstone, decode_reporting_rule
 from streams.core.rulebook import RuleBook
@@ -96,7 +96,7 @@ def read_archives(paths: Iterable[str], partitions: int, from_ms: Optional[int],
                     continue
                 partition = line.get("partition")
                 if partition is None:
-                    partition = (murmur2(key) & 0x7FFFFFFF) % partitions if key else 0
+                    partition = kafka_partition(key, partitions) if key else 0
                 sequence += 1
                 offset = line.get("offset", sequence)
                 records.setdefault((line["kind"], partition), []).append(

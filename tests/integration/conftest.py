@@ -94,10 +94,11 @@ class WorkerProcess:
         self.log_path = log_path
         self.process: Optional[subprocess.Popen] = None
 
-    def start(self, env: Optional[dict] = None) -> "WorkerProcess":
+    def start(self, env: Optional[dict] = None, source: Path = REPO) -> "WorkerProcess":
+        """`source`: the checkout whose code runs (bench/worker.py's --against: another commit's)."""
         env = {**os.environ, **self.settings.to_environ(), **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=REPO,
+            [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=source,
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

@@ -19,13 +19,15 @@ def test_sink_benchmark_delivers_every_report_and_prints_its_table(kafka_broker)
 
 def test_worker_benchmark_runs_both_sides_and_prints_the_ratio(kafka_broker, tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.worker", "--events", "3000", "--latency-seconds", "2",
-                          "--plot", str(tmp_path / "bench.png")], cwd=REPO, capture_output=True, text=True,
+                          "--plot", str(tmp_path / "bench.png"), "--against", "HEAD"], cwd=REPO, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = {line.split(" | ")[0].strip("| *"): line for line in run.stdout.splitlines() if line.startswith("| ")}
     for name in ("passthrough ceiling (raw aiokafka)", "tagstream worker", "tagstream ÷ passthrough",
                  "context: passthrough + per-customer event ids in RocksDB and a changelog",
-                 "worker CPU per event", "worker peak RSS", "25% of max", "50% of max", "80% of max"):
+                 "idiomatic Faust app (bench/faust_baseline.py)", "tagstream as of HEAD (--against)",
+                 "realtime reports of the backlog: tagstream / the Faust app",
+                 "worker CPU per event", "peak RSS: tagstream / the Faust app", "25% of max", "50% of max", "80% of max"):
         assert name in rows, run.stdout
     assert "plot skipped" in run.stdout or (tmp_path / "bench.png").stat().st_size > 0
 
