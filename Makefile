@@ -11,7 +11,7 @@ CHAOS_ARGS ?=
 HELM_VERSION := v4.3.2
 HELM   := .state/bin/helm
 
-.PHONY: cluster cluster-stop setup run test test-unit test-slow deploy-test image images lock bench bench-recovery bench-sink bench-replay bench-explain bench-hot-customer chaos docs observability dashboard-png broker broker-stop broker-reset clean
+.PHONY: cluster cluster-stop setup run test test-unit test-slow deploy-test image images lock bench bench-recovery bench-sink bench-replay bench-explain bench-hot-customer bench-scale chaos docs observability dashboard-png broker broker-stop broker-reset clean
 
 setup: $(VENV)/.installed deploy/kafka/lib/.complete
 
@@ -111,6 +111,10 @@ bench-ingest: setup
 ## One customer with 100,000 remembered event ids against fresh customers: cost per event, same run.
 bench-hot-customer: setup
 	$(BIN)/python -m bench.hot_customer $(BENCH_ARGS)
+
+## The rule book at a provider's size: memory, build time and lookups for 300 to 30,000 corps.
+bench-scale: setup
+	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
 ## The chaos run: 300,000 events, two workers, the sink and the Marketing API, with worker/sink
 ## SIGKILLs, a join/leave, a broker restart, API failure bursts and 5% poison (CI runs it small).

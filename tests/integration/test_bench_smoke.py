@@ -79,3 +79,14 @@ def test_explain_benchmark_explains_customers_beside_the_whole_partition_baselin
     for row in rows:
         day, whole = int(row[1]), int(row[2])
         assert whole >= day and whole > 0, row       # a customer of 2,000 in 20,000 events has some
+
+
+def test_scale_benchmark_prints_a_row_per_corpus_size():
+    run = subprocess.run([sys.executable, "-m", "bench.scale", "--corps", "5", "20", "--tags", "10"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[0].strip("| ") for row in rows[1:]] == ["5", "20"], run.stdout
+    # each tag t of corp c has 1 + (c + t) % 3 versions
+    assert [int(row[1].replace(",", "")) for row in rows[1:]] == [
+        sum(1 + (c + t) % 3 for c in range(corps) for t in range(10)) for corps in (5, 20)], run.stdout
