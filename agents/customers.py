@@ -324,9 +324,21 @@ class CustomerEvents:
         """A fetched batch: {TP: [ConsumerRecord, ...]} in offset order per partition. The
         consumer calls this only once the rule book is ready (agents/rules.py): an event
         looked up in a partial book would look unmapped, and its report would be lost."""
+        generation = self.app.consumer_generation_id      # the batch's: handed over just now
         async with self.lock:
             if self.stopping:
                 return                      # not seen, not committable: the next owner's
+            # A rebalance may have begun while this batch waited for the lock: its revocation
+            # forgot what the merge held for the partition, to be fetched again from the
+            # committed offset. Taken now, the batch would mark its offsets seen, and that
+            # refetch would skip them and the forgotten ones as "already taken" (the cluster
+            # chaos run's lost stretch). The next generation's seek fetches it again.
+            if generation != self.app.consumer_generation_id or any(
+                    tp.partition not in self.assigned for tp in records):
+                metrics.STALE_BATCHES.inc()
+                log.info("dropped a batch handed over before a rebalance (generation %s, now %s): "
+                         "fetched again from the committed offsets", generation, self.app.consumer_generation_id)
+                return
             await self._ready()
             arrived = _monotonic_ms()
             offer, skew, count_key = self.merge.offer, self.max_future_skew_ms, self.hot_keys.add

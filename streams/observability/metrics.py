@@ -74,6 +74,10 @@ INPUT_STALLS_REPAIRED = Counter(
     "tagstream_input_stalls_repaired_total",
     "Stalls the consumer repaired itself: input partitions left paused after a rebalance, resumed",
 )
+STALE_BATCHES = Counter(
+    "tagstream_input_stale_batches_total",
+    "Fetched batches dropped because a rebalance began while they waited to be applied (fetched again)",
+)
 INPUT_REFETCHES = Counter(
     "tagstream_input_refetches_total",
     "Input partitions sought back because records before a fetched batch were dropped on the way "

@@ -1,8 +1,9 @@
 """One hot customer must not stall its partition (issue 18, SPEC §4 rule 8).
 
-A CRM sync gone wrong untags one customer 100,000 times (distinct event ids, removes of a
+A CRM sync gone wrong untags one customer 40,000 times (distinct event ids, removes of a
 tag it does not have: each is applied and its id remembered; unmapped adds would be cheaper,
-since issue 24 they never touch the customer), at 2,000 events/s, while staff keep tagging other customers of the same partition. Before
+since issue 24 they never touch the customer), at 2,000 events/s, while staff keep tagging
+other customers of the same partition. Before
 issue 18 every remembered id lived in the customer's record, so each event re-read and
 re-wrote all of them: the partition fell to about 60 events/s, and at 33,697 events a state
 record passed Kafka's 1 MB limit and the worker died for good.
@@ -11,7 +12,7 @@ Here, on the real broker, while the hot customer's events arrive:
 - the other customers' real-time reports arrive with p99 under 1 s (from the tag's record
   timestamp to the report's);
 - no state value the worker writes is over 256 KiB (read back from its changelog);
-- after all 100,000, a re-send of the hot customer's first event is still a duplicate: the
+- after all 40,000, a re-send of the hot customer's first event is still a duplicate: the
   ids are remembered for the whole horizon, none forgotten early.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tests.logs import same_partition_customers
 
 CORP = "wwH01"
 PARTITIONS = 4
-HOT_EVENTS = 100_000
+HOT_EVENTS = 40_000                # past the 33,697 at which a record once passed 1 MB
 HOT_RATE = 2_000                 # events/s
 OTHERS = 150
 MAX_STATE_VALUE = 256 * 1024
