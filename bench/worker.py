@@ -214,9 +214,11 @@ def faust_baseline(pipeline: Pipeline, events: int, work: Path, timeout: float =
     (events/s from its first to its last event, peak RSS in MiB)."""
     stats = work / "faust-baseline-stats.json"
     s = pipeline.settings
+    asyncio.run(_create_topics(s, [s.topic_prefix + "faust-baseline-reports"]))   # it only sends there
     env = {**os.environ, "BASELINE_BROKER": f"kafka://{s.bootstrap_servers}", "BASELINE_PREFIX": s.topic_prefix,
            "BASELINE_APP_ID": f"{s.app_id}-faust-baseline", "BASELINE_STATS": str(stats),
-           "BASELINE_DATADIR": str(work / "faust-baseline-data"), "BASELINE_PARTITIONS": str(PARTITIONS)}
+           "BASELINE_DATADIR": str(work / "faust-baseline-data"), "BASELINE_PARTITIONS": str(PARTITIONS),
+           "BASELINE_PARENT": str(os.getpid())}
     log = open(work / "faust-baseline.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "bench.faust_baseline", "worker"], env=env,
                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
@@ -240,20 +242,29 @@ def faust_baseline(pipeline: Pipeline, events: int, work: Path, timeout: float =
         log.close()
 
 
+async def _create_topics(s, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, PARTITIONS, 1) for name in names])
+    finally:
+        await admin.close()
+
+
 async def _read_to_end(s, topic: str) -> list:
     """Every record of `topic` up to its end offsets as of now."""
     consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None, enable_auto_commit=False,
                                 isolation_level="read_committed")
     await consumer.start()
     try:
-        if topic not in await consumer.topics():
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]     # both topics were made with PARTITIONS
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         records: list = []
-        while any(await consumer.position(tp) < ends[tp] for tp in tps):
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in tps])
+        while await behind():
             for batch in (await consumer.getmany(timeout_ms=500)).values():
                 records.extend(batch)
         return records
