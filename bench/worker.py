@@ -282,13 +282,15 @@ def realtime_ids(s, topic: str) -> set[str]:
 def drain_as_of(pipeline: Pipeline, ref: str, events: int, work: Path) -> tuple[float, float]:
     """tagstream's worker as of commit `ref` (a git worktree) drains the backlog in its own
     group, writing to topics of its own; returns (events/s, CPU µs per event)."""
-    source = work / f"as-of-{ref.replace('/', '-')}"
+    commit = subprocess.run(["git", "rev-parse", "--short", f"{ref}^{{commit}}"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    source = work / f"as-of-{commit}"
     subprocess.run(["git", "worktree", "add", "--detach", str(source), ref], cwd=REPO, check=True, capture_output=True)
     try:
         found = subprocess.run([sys.executable, "-c", "import streams; print(streams.__file__)"], cwd=source,
                                check=True, capture_output=True, text=True).stdout
         assert found.startswith(str(source)), f"the worker would not run {ref}'s code: {found}"
-        tag = f"as-of-{ref.replace('/', '-')}"
+        tag = f"as-of-{commit}"                 # a topic name may not hold "~" or "^"
         settings = dataclasses.replace(
             pipeline.settings, app_id=f"{pipeline.settings.app_id}-{tag}", data_dir=str(source / ".bench-data"),
             metrics_port=free_port(), conversion_reports_topic=f"conversion-reports-{tag}",
