@@ -218,8 +218,17 @@ async def tag_to_report(tmp: Path, seconds: float, rate: float) -> None:
             if action.kind == "add_tag" and TAGS[action.tag_id] in realtime:
                 first_add.setdefault((action.corp_id, action.external_userid, TAGS[action.tag_id]), action)
         expected = len([a for a in first_add.values() if a.delivered])
-        reports = await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.read(
-            "conversion_reports", timeout=120, settle=3, until=lambda rs: len(rs) >= 0.95 * expected))
+        # every answered customer's first real-time tag ends as a report, or as an unreportable
+        # one without identity: wait for both (waiting for reports alone sat out the timeout)
+        def read_all(topic: str) -> list:
+            return pipeline.read(topic, timeout=10, settle=1, until=lambda rs: True)
+        wait_until = time.monotonic() + 120
+        while True:
+            reports = await asyncio.get_running_loop().run_in_executor(None, read_all, "conversion_reports")
+            parked = await asyncio.get_running_loop().run_in_executor(None, read_all, "unreportable")
+            if len(reports) + len(parked) >= 0.95 * expected or time.monotonic() > wait_until:
+                break
+            await asyncio.sleep(1)
         tag_events = await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.read(
             "tag_events", timeout=5))
         callbacks = await asyncio.get_running_loop().run_in_executor(None, lambda: pipeline.read(
