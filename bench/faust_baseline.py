@@ -82,14 +82,24 @@ async def fold_rules(stream):
         rules[key.decode() if isinstance(key, bytes) else key] = rule
 
 
+def _customer_if_new(event: dict):
+    """(key, record) of the event's customer if its id is new to the customer (remembered
+    now), else None: a duplicate."""
+    key = f"{event['corp_id']}:{event['external_userid']}"
+    customer = customers[key]
+    seen = customer.setdefault("seen", [])
+    if event["event_id"] in seen:
+        return None
+    seen.append(event["event_id"])
+    return key, customer
+
+
 @app.agent(contact_events)
 async def apply_contacts(stream):
     async for event in stream:
-        key = f"{event['corp_id']}:{event['external_userid']}"
-        customer = customers[key]
-        seen = customer.setdefault("seen", [])
-        if event["event_id"] not in seen:
-            seen.append(event["event_id"])
+        new = _customer_if_new(event)
+        if new is not None:
+            key, customer = new
             identity = customer.setdefault("identity", {})
             for name in ("wechat_app_id", "wechat_unionid", "wechat_openid", "click_id"):
                 if event.get(name) is not None:
@@ -103,11 +113,9 @@ async def apply_contacts(stream):
 @app.agent(tag_events)
 async def apply_tags(stream):
     async for event in stream:
-        key = f"{event['corp_id']}:{event['external_userid']}"
-        customer = customers[key]
-        seen = customer.setdefault("seen", [])
-        if event["event_id"] not in seen:
-            seen.append(event["event_id"])
+        new = _customer_if_new(event)
+        if new is not None:
+            key, customer = new
             rule = rules.get(f"{event['corp_id']}:{event['tag_id']}")
             standard_type = rule and rule.get("standard_type")
             reported = customer.setdefault("reported", [])
