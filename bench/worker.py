@@ -157,18 +157,22 @@ class CustomerIds:
         return deliveries
 
 
+async def _create_topics(s, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, PARTITIONS, 1) for name in names])
+    finally:
+        await admin.close()
+
+
 async def _passthrough(s, book: dict, events: int, state: Optional[CustomerIds] = None) -> float:
     """Raw aiokafka: consume, parse, one lookup, serialize, produce in batches; events/s.
     With `state`, each event also updates its customer's state (`CustomerIds`), which goes
     to a changelog topic with the output."""
     out_topic = s.topic_prefix + ("stateful-passthrough-out" if state else "passthrough-out")
     changelog = out_topic + "-changelog"
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in ((out_topic, changelog) if state else (out_topic,))])
-    finally:
-        await admin.close()
+    await _create_topics(s, [out_topic, changelog] if state else [out_topic])
     consumer = AIOKafkaConsumer(s.topic("tag_events_topic"), s.topic("contact_events_topic"),
                                 bootstrap_servers=s.bootstrap_servers,
                                 group_id=f"{s.app_id}-{'stateful-' if state else ''}passthrough",
@@ -240,15 +244,6 @@ def faust_baseline(pipeline: Pipeline, events: int, work: Path, timeout: float =
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
-
-
-async def _create_topics(s, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, PARTITIONS, 1) for name in names])
-    finally:
-        await admin.close()
 
 
 async def _read_to_end(s, topic: str) -> list:
